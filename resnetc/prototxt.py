@@ -92,6 +92,10 @@ def _parse_text(text: str, msg, file: str | None):
         line, col = e.GetLine(), e.GetColumn()
         detail = str(e)
         detail = re.sub(r"^\d+:\d+\s*:\s*", "", detail)
+        if "has no field named" in detail:
+            detail += (" It is not a field of BVLC Caffe's schema: the file was written for a fork of Caffe "
+                       "(e.g. SSD's Permute/PriorBox parameters); resnetc reads BVLC Caffe files, and custom "
+                       "layers can be registered with resnetc.layers.register")
         raise ResnetcError(f"cannot parse {type(msg).__name__}: {detail}", file=file, line=line, col=col) from None
     except (ValueError, UnicodeError) as e:
         raise ResnetcError(f"cannot parse {type(msg).__name__}: {e}", file=file) from None

@@ -133,6 +133,10 @@ def _fill(msg, value, where) -> None:
         _assign(msg, k, v, where)
 
 
+class NotATopError(ResnetcError, TypeError):
+    """A layer input that is not a Top (a TypeError, as in pycaffe)."""
+
+
 class Top:
     """One output blob of a layer function (``fn``), the ``n``-th of its tops."""
 
@@ -155,8 +159,8 @@ class Function:
         self.type_name = type_name
         for i, inp in enumerate(inputs):
             if not isinstance(inp, Top):
-                raise ResnetcError(f"{type_name} input {i} is not a top of another layer (got {type(inp).__name__})",
-                                   layer_type=type_name)
+                raise NotATopError(f"{type_name} input {i} is not a Top (type is {type(inp).__name__}): pass the "
+                                   f"outputs of L.<Type>(...) or NetSpec attributes", layer_type=type_name)
         self.inputs = tuple(inputs)
         params = dict(params)
         self.ntop = params.pop("ntop", 1)

@@ -9,17 +9,19 @@ import numpy as np
 from .errors import ResnetcError
 
 
-def load_image_bgr(path: str) -> np.ndarray:
-    """HxWx3 float32 BGR in [0, 255], as Caffe's OpenCV-based tools see an image."""
+def load_image_bgr(path: str, channels: int = 3) -> np.ndarray:
+    """HxWxC float32 in [0, 255] (BGR for 3 channels, grey for 1), as Caffe's OpenCV-based tools see an image."""
     try:
         import cv2
     except ImportError:
         raise ResnetcError("decoding images needs OpenCV: pip install opencv-python-headless") from None
     if not os.path.exists(path):
         raise ResnetcError("no such image file", file=path)
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
     if img is None:
         raise ResnetcError("cannot decode the image (not a JPEG/PNG/BMP/... file, or corrupt)", file=path)
+    if img.ndim == 2:
+        img = img[:, :, None]
     return img.astype(np.float32)
 
 
@@ -55,11 +57,12 @@ def preprocess(img_bgr: np.ndarray, size: Sequence[int], *, mean=None, scale: fl
 
     h, w = size
     if resize:
-        img = cv2.resize(img_bgr, (resize[1], resize[0]), interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(img_bgr, (resize[1], resize[0]), interpolation=cv2.INTER_LINEAR).reshape(
+            resize[0], resize[1], -1)
         top, left = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
         img = img[top:top + h, left:left + w]
     else:
-        img = cv2.resize(img_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
+        img = cv2.resize(img_bgr, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
     x = img.transpose(2, 0, 1).astype(np.float32)
     if mean is not None:
         x = x - mean.reshape(-1, 1, 1)

@@ -108,7 +108,7 @@ def classify_cmd(model, images, weights, labels, mean, scale, images_dim, top_k,
             key = "prob" if "prob" in outs else net.outputs[-1]
             return outs[key].numpy()
     mean_arr = parse_mean(mean, channels)
-    batch = np.stack([preprocess(load_image_bgr(p), size, mean=mean_arr, scale=scale, resize=resize) for p in images])
+    batch = np.stack([preprocess(load_image_bgr(p, channels), size, mean=mean_arr, scale=scale, resize=resize) for p in images])
     probs = run(batch.astype(np.float32)).reshape(len(images), -1)
     for path, p in zip(images, probs):
         click.echo(f"{path}:")

@@ -89,8 +89,9 @@ class Solver:
         if self.seed is not None:
             torch.manual_seed(self.seed)
             np.random.seed(self.seed & 0xFFFFFFFF)
+        test_sources = self._test_sources()
         self.net, self.train_feed = self._build_train_net()
-        self.test_nets, self.test_feeds, self.test_iters = self._build_test_nets()
+        self.test_nets, self.test_feeds, self.test_iters = self._build_test_nets(test_sources)
         for w in [s.strip() for entry in param.weights for s in entry.split(",") if s.strip()]:
             self.load_weights(w)
         self.iter = 0
@@ -197,7 +198,9 @@ class Solver:
             log.warning("the train net has no loss layer: training changes nothing")
         return net, feed
 
-    def _build_test_nets(self):
+    def _test_sources(self) -> list:
+        """[(NetSource, description)] of the test nets, in Caffe's order, with Caffe's count checks (run
+        before any net is built, so a bad solver fails at once)."""
         p, f = self.param, self.file
         sources = [(NetSource(param=m, file=f), "test_net_param") for m in p.test_net_param]
         sources += [(self._net_source(path), f"test_net file: {path}") for path in p.test_net]
@@ -221,6 +224,10 @@ class Solver:
         if len(p.test_state) not in (0, len(sources)):
             raise ResnetcError(f"{len(p.test_state)} test_state entries for {len(sources)} test nets: give none or "
                                f"one per test net", file=f)
+        return sources
+
+    def _build_test_nets(self, sources):
+        p = self.param
         nets, feeds = [], []
         for i, (src, what) in enumerate(sources):
             log.info("Creating test net (#%d) specified by %s", i, what)
@@ -441,7 +448,7 @@ class Solver:
         return f"{self.param.snapshot_prefix}_iter_{self.iter}{ext}"
 
     def snapshot(self) -> str:
-        from ..weights import save_caffemodel
+        from ..weights import save_caffemodel, save_caffemodel_h5
 
         p = self.param
         hdf5 = p.snapshot_format == caffe_pb2.SolverParameter.HDF5
@@ -451,7 +458,7 @@ class Solver:
         else:
             model = self.snapshot_filename(".caffemodel")
             log.info("Snapshotting to binary proto file %s", model)
-        save_caffemodel(self.net, model, write_diff=p.snapshot_diff)
+        (save_caffemodel_h5 if hdf5 else save_caffemodel)(self.net, model, write_diff=p.snapshot_diff)
         if hdf5:
             st = self.snapshot_filename(".solverstate.h5")
             log.info("Snapshotting solver state to HDF5 file %s", st)

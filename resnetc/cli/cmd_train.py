@@ -1,0 +1,150 @@
+"""``resnetc train [NET] SOLVER`` and ``resnetc test NET --weights W`` (Caffe's ``caffe train`` / ``caffe test``)."""
+from __future__ import annotations
+
+import logging
+import os
+
+import click
+
+from ..errors import ResnetcError
+
+log = logging.getLogger("resnetc.solver")
+
+
+def resolve_device(gpu, solver_param=None):
+    """``--gpu 0|all|cpu`` (or the solver's explicit ``solver_mode: GPU``) -> torch.device, with Caffe's
+    "Use CPU." line, or one clear line when CUDA is asked for but not present."""
+    import torch
+
+    from ..proto import caffe_pb2
+
+    if gpu is None and solver_param is not None and solver_param.HasField("solver_mode") and \
+            solver_param.solver_mode == caffe_pb2.SolverParameter.GPU:
+        gpu = str(solver_param.device_id)
+    if gpu is None or gpu.strip().lower() == "cpu":
+        log.info("Use CPU.")
+        return torch.device("cpu")
+    spec = gpu.strip().lower()
+    if not torch.cuda.is_available():
+        log.warning("CUDA is not available on this machine: training on the CPU instead (--gpu %s ignored)", gpu)
+        return torch.device("cpu")
+    if spec == "all":
+        ids = list(range(torch.cuda.device_count()))
+    else:
+        try:
+            ids = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise ResnetcError(f"--gpu: expected device ids like 0 or 0,1, 'all' or 'cpu', got '{gpu}'") from None
+    if not ids:
+        raise ResnetcError(f"--gpu: no device in '{gpu}'")
+    if len(ids) > 1:
+        raise ResnetcError(f"--gpu {gpu}: training on several GPUs is not supported yet; give one device id")
+    if ids[0] >= torch.cuda.device_count():
+        raise ResnetcError(f"--gpu {gpu}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    log.info("Using GPUs %d", ids[0])
+    log.info("GPU %d: %s", ids[0], torch.cuda.get_device_name(ids[0]))
+    return torch.device("cuda", ids[0])
+
+
+def _split(value):
+    return [s.strip() for s in value.split(",") if s.strip()] if value else []
+
+
+def _add_log_file(path):
+    if path:
+        from . import setup_logging
+
+        setup_logging(logging.getLogger("resnetc").level or logging.INFO, path)
+
+
+@click.command("train")
+@click.argument("files", nargs=-1, metavar="[NET] SOLVER")
+@click.option("--solver", "solver_opt", help="Solver prototxt (instead of the SOLVER argument).")
+@click.option("--weights", help="Fine-tune from A.caffemodel[,B.caffemodel] (copied by layer name).")
+@click.option("--snapshot", "resume", help="Resume from a .solverstate[.h5].")
+@click.option("--gpu", help="Device: 0, 0,1, all or cpu (default: the solver's solver_mode, else CPU).")
+@click.option("--iterations", "--max-iter", "max_iter", type=int, help="Override the solver's max_iter.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also write the log to FILE.")
+@click.option("--level", type=int, default=0, show_default=True, help="Net state level of the train net.")
+@click.option("--stage", help="Comma-separated net state stages of the train net.")
+def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level, stage):
+    """Train a net with Caffe's solver semantics: resnetc train [NET] SOLVER."""
+    from ..prototxt import read_solver
+    from ..solver import Solver
+    from ..solver.core import default_snapshot_prefix
+
+    files = list(files)
+    if solver_opt:
+        if len(files) > 1:
+            raise ResnetcError("give the solver once: resnetc train [NET] SOLVER, or --solver SOLVER [NET]")
+        net, solver_path = (files[0] if files else None), solver_opt
+    elif len(files) == 2:
+        net, solver_path = files
+    elif len(files) == 1:
+        net, solver_path = None, files[0]
+    else:
+        raise ResnetcError("usage: resnetc train [NET] SOLVER (a solver prototxt is required)")
+    if resume and weights:
+        raise ResnetcError("give either --snapshot (resume) or --weights (fine-tune), not both")
+    _add_log_file(log_file)
+    param = read_solver(solver_path)
+    default_snapshot_prefix(param, solver_path)
+    if max_iter is not None:
+        if max_iter < 0:
+            raise ResnetcError(f"--iterations must be >= 0 (got {max_iter})")
+        param.max_iter = max_iter
+    if resume:
+        param.ClearField("weights")
+    device = resolve_device(gpu, param)
+    solver = Solver(param, solver_file=solver_path, net=net, weights=_split(weights) if weights else None,
+                    device=device, level=level, stages=_split(stage))
+    try:
+        log.info("Starting Optimization")
+        solver.solve(resume)
+        log.info("Optimization Done.")
+    finally:
+        solver.close()
+
+
+@click.command("test")
+@click.argument("net", metavar="NET")
+@click.option("--weights", required=True, help="The .caffemodel to evaluate.")
+@click.option("--iterations", type=int, default=50, show_default=True, help="Number of batches.")
+@click.option("--gpu", help="Device: 0 or cpu.")
+@click.option("--level", type=int, default=0, show_default=True)
+@click.option("--stage", help="Comma-separated net state stages.")
+@click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also write the log to FILE.")
+def test_cmd(net, weights, iterations, gpu, level, stage, log_file):
+    """Score a trained net (TEST phase) over N batches, like caffe test."""
+    from ..graph import build_graph
+    from ..net import CaffeNet
+    from ..prototxt import read_net
+    from ..solver.feeds import pipeline_feed
+    from ..solver.testing import run_test_command
+    from ..weights import load_caffemodel
+
+    if iterations <= 0:
+        raise ResnetcError(f"--iterations must be > 0 (got {iterations})")
+    _add_log_file(log_file)
+    device = resolve_device(gpu)
+    src = read_net(net)
+    graph = build_graph(src, "TEST", level=level, stages=_split(stage))
+    feed = pipeline_feed(graph, device=device)
+    if not graph.shapes_known:
+        shapes = feed.top_shapes()
+        if shapes:
+            graph = build_graph(src, "TEST", level=level, stages=_split(stage), input_shapes=shapes)
+    if graph.inputs and not graph.data_tops:
+        raise ResnetcError("the net has Input layers but no data layers: resnetc test needs data layers to read "
+                           "batches from", file=net)
+    model = CaffeNet(graph)
+    load_caffemodel(model, weights)
+    model.to(device)
+    model.eval()
+    try:
+        run_test_command(model, feed, iterations, log)
+    finally:
+        feed.close()
+
+
+COMMANDS = [train_cmd, test_cmd]

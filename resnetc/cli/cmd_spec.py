@@ -64,7 +64,16 @@ def spec() -> None:
 @click.option("-o", "--output", "output", required=True, metavar="FILE",
               help="Train_val path; deploy and solver go to FILE's stem + _deploy / _solver.")
 def resnet_cmd(depth, num_classes, cifar, data, input_shape, conv1_bias, output) -> None:
-    """Write a ResNet train_val, deploy and solver."""
+    """Write a ResNet train_val, deploy and solver.
+
+    \b
+    FILE = dir/name.prototxt gives
+      dir/name.prototxt          train_val (Data layers, or Input with --input)
+      dir/name_deploy.prototxt   deploy (Input "data" -> Softmax "prob")
+      dir/name_solver.prototxt   the papers' solver; net: FILE, snapshot_prefix: dir/name
+    Without --data or --input the train_val reads Caffe's example LMDBs
+    (examples/imagenet/ilsvrc12_{train,val}_lmdb, examples/cifar10/cifar10_{train,test}_lmdb).
+    """
     from ..models.files import resnet_spec_texts, write_texts
 
     if data is not None and input_shape is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 
 from ..atomic import atomic_path
 from ..errors import ResnetcError
@@ -44,12 +45,41 @@ def _lmdb():
     return lmdb
 
 
+_ENVS: dict = {}  # realpath -> [lmdb.Environment, users]: py-lmdb allows one open Environment per path
+_ENVS_LOCK = threading.Lock()
+
+
+def _acquire_env(path: str):
+    lmdb = _lmdb()
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            env = lmdb.open(path, readonly=True, lock=False, readahead=False, max_readers=512)
+            entry = _ENVS[key] = [env, 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _release_env(path: str) -> None:
+    key = os.path.realpath(path)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            entry[0].close()
+            del _ENVS[key]
+
+
 class DBReader:
     """Read-only view of one database, in key order."""
 
     def __init__(self, source: str, backend="lmdb"):
         self.source = os.fspath(source)
         self.backend = backend_name(backend)
+        self._closed = True
         if not os.path.exists(self.source):
             raise ResnetcError(f"data source not found ({self.backend.upper()} database)", file=self.source)
         if self.backend == "leveldb" and _is_lmdb(self.source):
@@ -60,7 +90,9 @@ class DBReader:
             self._open_lmdb()
         else:
             self._open_leveldb()
+        self._closed = False
         if self._count == 0:
+            self.close()
             raise ResnetcError(f"{self.backend.upper()} database has no records", file=self.source)
 
     # ---- backends
@@ -69,7 +101,7 @@ class DBReader:
         if not _is_lmdb(self.source):
             raise ResnetcError("not an LMDB database (no data.mdb inside)", file=self.source)
         try:
-            self._env = lmdb.open(self.source, readonly=True, lock=False, readahead=False, max_readers=512)
+            self._env = _acquire_env(self.source)
             self._count = self._env.stat()["entries"]
         except lmdb.Error as e:
             raise ResnetcError(f"cannot open LMDB database: {e}", file=self.source) from None
@@ -124,8 +156,11 @@ class DBReader:
             log.info("%s: Restarting data prefetching from start.", self.source)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if self.backend == "lmdb":
-            self._env.close()
+            _release_env(self.source)
         else:
             self._db.close()
 

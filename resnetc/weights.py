@@ -535,6 +535,10 @@ def _plan(graph, params: Mapping, wf: WeightsFile, strict_shapes: bool) -> tuple
     for src in wf.layers:
         layer = index.get(src.name)
         if layer is None:
+            if wf.format in ("pt", "safetensors"):  # not Caffe's format: every key is a weight to place
+                raise ResnetcError(f"the file has weights for layer '{src.name}', which the net does not have "
+                                   f"(net layers with parameters: {_names_with_params(graph, params)})",
+                                   file=path, layer=src.name)
             log.info("Ignoring source layer %s", src.name)
             skipped.append(src.name)
             continue
@@ -573,7 +577,17 @@ def _plan(graph, params: Mapping, wf: WeightsFile, strict_shapes: bool) -> tuple
             plan.append((tensor, blob))
         if targets and layer.name not in copied:
             copied.append(layer.name)
+    with_weights = [src.name for src in wf.layers if any(b is not None for b in src.blobs)]
+    if with_weights and not copied and params:
+        shown = ", ".join(with_weights[:8]) + (", ..." if len(with_weights) > 8 else "")
+        raise ResnetcError(f"no layer with weights in the file matches a layer of the net by name (file: {shown}; "
+                           f"net: {_names_with_params(graph, params)}): wrong weights for this net?", file=path)
     return plan, copied, skipped
+
+
+def _names_with_params(graph, params) -> str:
+    names = [layer.name for layer in graph.layers if layer.blobs and layer.name in params]
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "none"
 
 
 def _copy(plan: list) -> None:

@@ -25,6 +25,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from google.protobuf import message as _pb_message
 
 from .atomic import atomic_path
 from .errors import ResnetcError
@@ -287,8 +288,9 @@ def read_caffemodel(path: str, *, upgrade: bool = True) -> WeightsFile:
                     payload = _read_exact(f, 4)
                 elif wire == 2:
                     n = _read_varint_strict(f)
-                    if n > size:
-                        raise ValueError(f"a field claims {n} bytes in a {size}-byte file")
+                    if n > size - f.tell():
+                        raise _Truncated(f"a field of {n} bytes at byte {f.tell()} runs past the end of the "
+                                         f"{size}-byte file")
                     data = _read_exact(f, n)
                     if field in (_NET_LAYER, _NET_LAYERS):
                         is_v1 = field == _NET_LAYERS
@@ -304,10 +306,11 @@ def read_caffemodel(path: str, *, upgrade: bool = True) -> WeightsFile:
                     raise ValueError(f"invalid wire type {wire} for field {field}")
                 skeleton.write(_varint_bytes(tag))
                 skeleton.write(payload)
-        except _Truncated:
-            raise ResnetcError(f"truncated file: it ends inside top-level field {index + 1} (after {index} "
-                               f"complete layer(s)); the .caffemodel is incomplete", file=path) from None
-        except (ValueError, RuntimeError, OverflowError) as e:  # DecodeError is a ValueError subclass
+        except _Truncated as e:
+            detail = f" ({e})" if str(e) else ""
+            raise ResnetcError(f"truncated or corrupt file: it ends inside layer {index + 1}{detail}; the "
+                               f".caffemodel is incomplete", file=path) from None
+        except (_pb_message.DecodeError, ValueError, RuntimeError, OverflowError) as e:
             hint = (" (it looks like a text prototxt; weights are binary)" if _looks_like_text(head) else
                     " (truncated, corrupt, or not a .caffemodel)")
             raise ResnetcError(f"not a valid binary NetParameter near layer {index + 1}: {e}{hint}",
@@ -315,7 +318,7 @@ def read_caffemodel(path: str, *, upgrade: bool = True) -> WeightsFile:
     net = caffe_pb2.NetParameter()
     try:
         net.ParseFromString(skeleton.getvalue())
-    except (ValueError, RuntimeError) as e:
+    except (_pb_message.DecodeError, ValueError, RuntimeError) as e:
         raise ResnetcError(f"not a valid binary NetParameter: {e} (truncated, corrupt, or not a .caffemodel)",
                            file=path) from None
     if not raw and not len(net.layer) and not len(net.layers):

@@ -250,3 +250,77 @@ def test_exact_losses_iter_size_1(workdir, monkeypatch):
     s, lines = _train(workdir, "sgd", monkeypatch, snapshot_prefix=str(workdir / "out" / "x"))
     disp = [float(m.group(1)) for m in (re.match(r"    Train net output #0: loss = (\S+)", ln) for ln in lines) if m]
     np.testing.assert_allclose(disp, ref["exact_loss"], rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the whole loop on a net made of layers that need no vision kernels (PReLU + EuclideanLoss)
+
+_TINY = '''name: "tiny"
+layer { name: "in" type: "Input" top: "data" top: "target"
+        input_param { shape { dim: 8 dim: 3 } shape { dim: 8 dim: 3 } } }
+layer { name: "p1" type: "PReLU" bottom: "data" top: "p1" param { lr_mult: %s } }
+layer { name: "p2" type: "PReLU" bottom: "p1" top: "p2" }
+layer { name: "loss" type: "EuclideanLoss" bottom: "p2" bottom: "target" top: "loss" }
+'''
+
+
+def _tiny_solver(tmp_path, text, lr_mult="1", **kw):
+    import torch
+
+    from resnetc.prototxt import parse_solver_text
+    from resnetc.solver import Solver
+
+    net = tmp_path / "tiny.prototxt"
+    net.write_text(_TINY % lr_mult)
+    rs = np.random.RandomState(0)
+    batches = [{"data": torch.from_numpy(rs.randn(8, 3).astype(np.float32)),
+                "target": torch.from_numpy(rs.randn(8, 3).astype(np.float32))} for _ in range(4)]
+
+    def factory(graph, phase, index, seed, device):
+        it = iter(range(10 ** 9))
+        return lambda: batches[next(it) % len(batches)]
+
+    param = parse_solver_text(f'net: "{net}" snapshot_prefix: "{tmp_path}/snap" ' + text, "s.prototxt")
+    return Solver(param, feed_factory=factory, **kw)
+
+
+def test_frozen_params_and_resume_bit_identical(tmp_path):
+    import torch
+
+    text = 'type: "Adam" base_lr: 0.05 momentum: 0.9 lr_policy: "step" gamma: 0.5 stepsize: 3 weight_decay: 0.01 ' \
+           'max_iter: 8 snapshot: 4 display: 1'
+    a = _tiny_solver(tmp_path, text, lr_mult="0")
+    frozen = a.net.params["p1"][0].detach().clone()
+    a.solve()
+    assert torch.equal(a.net.params["p1"][0], frozen)  # lr_mult 0: bit-identical
+    assert not torch.equal(a.net.params["p2"][0], frozen)
+    assert os.path.exists(tmp_path / "snap_iter_4.solverstate") and os.path.exists(tmp_path / "snap_iter_8.caffemodel")
+    b = _tiny_solver(tmp_path, text, lr_mult="0")
+    b.solve(str(tmp_path / "snap_iter_4.solverstate"))
+    assert b.iter == 8
+    assert torch.equal(b.net.params["p2"][0], a.net.params["p2"][0])
+    for x, y in zip(a.rule.history, b.rule.history):
+        assert torch.equal(x, y)
+
+
+def test_divergence_is_one_clear_error(tmp_path):
+    from resnetc.errors import ResnetcError
+
+    s = _tiny_solver(tmp_path, 'base_lr: 1e30 lr_policy: "fixed" max_iter: 50 snapshot: 1 momentum: 0.9')
+    with pytest.raises(ResnetcError, match=r"training diverged at iteration \d+: loss = (nan|inf).*last finite loss"):
+        s.solve()
+    left = [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert not left
+
+
+def test_clip_and_iter_size_order(tmp_path):
+    """clip sees the summed sub-batch gradient, then ÷ iter_size (Caffe's order)."""
+    import torch
+
+    s = _tiny_solver(tmp_path, 'base_lr: 0.1 lr_policy: "fixed" max_iter: 1 iter_size: 2 clip_gradients: 1e-3 '
+                               'snapshot_after_train: false')
+    w0 = s.net.params["p2"][0].detach().clone()
+    s.solve()
+    step = (w0 - s.net.params["p2"][0]).norm().item()
+    # the global norm after clipping is 1e-3 (over both params), halved by iter_size, times lr 0.1
+    assert step <= 0.1 * 1e-3 / 2 * 1.0001

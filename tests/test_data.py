@@ -35,10 +35,6 @@ def net_file(tmp_path, text, name="net.prototxt"):
     return str(p)
 
 
-def data_layer(graph, name="data"):
-    return graph.layer(name)
-
-
 def pipe_for(path, phase="TEST", **kw):
     g = build_graph(path, phase)
     return make_pipeline(next(l for l in g.layers if l.is_data), **kw), g
@@ -249,8 +245,7 @@ def test_undecodable_and_garbage_records(tmp_path):
     with write_db(str(tmp_path / "junk")) as db:
         db.put(b"k1", b"\xff\xff\xff")
     with pytest.raises(ResnetcError, match="record 'k1': not a Caffe Datum"):
-        DataOnly = build_graph(net_file(tmp_path, DATA_NET.format(tp="", src="junk", bs=1), "j.prototxt"))
-        del DataOnly
+        build_graph(net_file(tmp_path, DATA_NET.format(tp="", src="junk", bs=1), "j.prototxt"))
 
 
 # ---------------------------------------------------------------------------------------------------------

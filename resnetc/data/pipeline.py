@@ -38,9 +38,6 @@ from .transformer import DataTransformer
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
-
-
 class _Failure:
     def __init__(self, exc: BaseException):
         self.exc = exc

@@ -261,6 +261,10 @@ def build_graph(src, phase: str = "TEST", *, level: Optional[int] = None, stages
             raise unknown_type_error(lp, src)
         if not lp.HasField("phase"):
             lp.phase = state.phase
+        auto_top = spec.loss and len(lp.top) == 0
+        if auto_top:
+            # Caffe's AutoTopBlobs: a loss layer with no top gets an anonymous one (never an output or a bottom)
+            lp.top.append(f"(automatic:{lp.name})")
         layer = Layer(name=lp.name, type=lp.type, param=lp, bottoms=[], tops=[], caffe_bottoms=list(lp.bottom),
                       caffe_tops=list(lp.top), phase=PHASE_NAMES[lp.phase], line=line, file=src.file,
                       spec=spec, inserted=lp.type == "Split" and lp.name.endswith("_split") and line is None)
@@ -293,8 +297,9 @@ def build_graph(src, phase: str = "TEST", *, level: Optional[int] = None, stages
         for b in lp.bottom:
             available.pop(b, None)
         for t, ssa in zip(lp.top, layer.tops):
-            available[t] = ssa
             graph.blob_alias[t] = ssa
+            if not t.startswith("(automatic:"):
+                available[t] = ssa
         # loss weights
         if lp.loss_weight:
             if len(lp.loss_weight) != len(lp.top):

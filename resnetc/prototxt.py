@@ -157,7 +157,7 @@ def parse_net_text(text: str, file: str | None = None, *, upgrade: bool = True) 
 def _upgrade(src: NetSource) -> None:
     from . import upgrade  # local import: upgrade imports this module's helpers
 
-    src.upgrade_log = upgrade.upgrade_net(src.param, src.file or "<string>")
+    src.upgrade_log = upgrade.upgrade_net(src.param, src.file or "<string>", lines=src.lines)
 
 
 def read_net(path: str, *, upgrade: bool = True) -> NetSource:

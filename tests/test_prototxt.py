@@ -40,7 +40,7 @@ def test_layer_lines_finds_v2_and_v0_blocks():
 
 @pytest.mark.parametrize("text,line,col", [
     ('name: "x"\nlayer {\n  name: "a"\n  tpye: "ReLU"\n}\n', 4, 3),
-    ('name: "x"\nlayer {\n  name: "a"\n', 4, 1),
+    ('name: "x"\nlayer {\n  name: "a"\n', 3, 9),
     ('layer { convolution_param { num_output: -3 } }', 1, 43),
 ])
 def test_parse_error_is_one_line_with_position(tmp_path, text, line, col):

@@ -1,14 +1,14 @@
 """Neuron layers: one bottom, one top of the same shape, computed element by element (CAFFE_SEMANTICS.md §7.2).
 
-Every forward follows Caffe's own formula (e.g. Sigmoid is ``0.5·tanh(0.5x) + 0.5``, BNLL is
-``x + log(1 + e^−x)`` for x > 0), and is written so that plain autograd gives Caffe's backward, including at
+Every forward follows Caffe's own formula and precision (e.g. BNLL is ``x + log(1 + e^−x)`` for x > 0, with
+the log in double as Caffe's ``1.`` constant makes it), and is written so that plain autograd gives Caffe's backward, including at
 the kinks:
 
 * ReLU / PReLU: gradient at x == 0 is the negative slope (Caffe's ``x > 0`` test), as torch's leaky_relu/prelu.
 * ELU: at x == 0 the gradient is ``alpha`` (Caffe: ``x > 0 ? 1 : y + alpha``): ``relu`` passes nothing at 0 and
   ``clamp(max=0)`` passes everything, so the sum is exactly Caffe's.
-* BNLL: written ``m + log(1 + exp(x − 2m))`` with ``m = clamp(x, min=0)`` (clamp's gradient is inclusive), whose
-  value is Caffe's two-branch formula bit for bit and whose gradient is ``σ(x)`` everywhere, 0.5 at 0.
+* BNLL: written ``m + log1p(exp(x − 2m))`` with ``m = clamp(x, min=0)`` (clamp's gradient is inclusive), whose
+  value is Caffe's two-branch formula and whose gradient is ``σ(x)`` everywhere, 0.5 at 0.
 * Clip: ``torch.clamp``'s gradient is inclusive at both bounds, as Caffe's ``min <= x <= max``.
 * Threshold has no gradient (Caffe's backward is NOT_IMPLEMENTED), Power with ``power·scale == 0`` is a constant.
 
@@ -92,14 +92,12 @@ class ELU(CaffeLayer):
         return torch.relu(x) + self.alpha * (torch.exp(torch.clamp(x, max=0.0)) - 1.0)
 
 
-def caffe_sigmoid(x):
-    """Caffe's sigmoid: ``0.5·tanh(0.5x) + 0.5`` (not ``1/(1 + e^−x)``; they round differently)."""
-    return 0.5 * torch.tanh(0.5 * x) + 0.5
-
-
 class Sigmoid(CaffeLayer):
+    """Caffe computes ``0.5·tanh(0.5x) + 0.5`` in double precision (its constants are doubles) and rounds to
+    float, i.e. the correctly rounded sigmoid: torch.sigmoid is that to an ulp (a float32 tanh form is not)."""
+
     def forward(self, x):
-        return caffe_sigmoid(x)
+        return torch.sigmoid(x)
 
 
 class TanH(CaffeLayer):
@@ -115,11 +113,14 @@ class AbsVal(CaffeLayer):
 
 
 class BNLL(CaffeLayer):
-    """``x > 0 ? x + log(1 + e^−x) : log(1 + e^x)``; gradient ``σ(x)`` (Caffe clamps x at 50 first: σ(50) == 1)."""
+    """``x > 0 ? x + log(1 + e^−x) : log(1 + e^x)``; gradient ``σ(x)`` (Caffe clamps x at 50 first: σ(50) == 1).
+
+    Caffe's ``log(1. + exp(.))`` runs in double (``1.`` is a double), so the float32 ``log1p`` matches it where a
+    float32 ``log(1 + e)`` would lose the small ``e``."""
 
     def forward(self, x):
         m = torch.clamp(x, min=0.0)
-        return m + torch.log(1.0 + torch.exp(x - 2.0 * m))
+        return m + torch.log1p(torch.exp(x - 2.0 * m))
 
 
 class Swish(CaffeLayer):
@@ -130,8 +131,7 @@ class Swish(CaffeLayer):
         self.beta = float(layer.param.swish_param.beta)
 
     def forward(self, x):
-        s = caffe_sigmoid(x if self.beta == 1.0 else self.beta * x)
-        return x * s
+        return x * torch.sigmoid(x if self.beta == 1.0 else self.beta * x)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -445,7 +445,7 @@ def read_state_dict(path: str, fmt: str) -> WeightsFile:
             tensors = st.load_file(path)
         except Exception as e:  # the Rust reader raises its own error types
             raise ResnetcError(f"cannot read safetensors file (truncated or corrupt?): {e}", file=path) from None
-        items = [(k, v.numpy()) for k, v in tensors.items()]
+        items = list(tensors.items())
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -758,8 +758,8 @@ def _check_h5_name(name: str, path: str) -> None:
 def save_graph_h5(graph, params: Mapping, path: str, *, write_diff: bool = False) -> None:
     """Caffe's ``Net::ToHDF5``: /data/<layer>/<i> for owner params only, a group for every layer; with
     ``write_diff``, /diff/<layer>/<i> for all params."""
-    h5py = _import_h5py(path, writing=True)
     path = os.fspath(path)
+    h5py = _import_h5py(path, writing=True)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:
             data = h5.create_group("data")
@@ -786,6 +786,7 @@ def save_caffemodel_h5(net, path, *, write_diff: bool = False) -> None:
 
 def save_weightsfile_h5(wf: WeightsFile, path: str) -> None:
     """Write the blobs of a read file as /data/<layer>/<i> (no net: every blob is written)."""
+    path = os.fspath(path)
     h5py = _import_h5py(path, writing=True)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as h5:

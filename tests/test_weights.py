@@ -177,17 +177,18 @@ def test_v1_caffemodel_converts_to_v2_without_a_net(corpus, tmp_path):
 def test_hdf5_round_trip_owner_params_only(oracle, tmp_path):
     h5py = pytest.importorskip("h5py")
     text = open(os.path.join(oracle, "lenet", "lenet_ref.prototxt")).read()
-    # share ip2's weight under a name with a second layer of the same shape
-    text = text.replace('name: "ip2"', 'name: "ip2"\n  param { name: "w2" }', 1)
-    text += ('layer { name: "ip2b" type: "InnerProduct" bottom: "ip2" top: "ip2b" param { name: "w2" } '
+    # a second layer shares ip2's weight (param name "w2")
+    text = text.replace('top: "ip2"\n  param { lr_mult: 1 }', 'top: "ip2"\n  param { name: "w2" lr_mult: 1 }', 1)
+    text += ('layer { name: "ip2b" type: "InnerProduct" bottom: "ip1" top: "ip2b" param { name: "w2" } '
              'inner_product_param { num_output: 10 bias_term: false } }\n')
     net = resnetc.load_net(resnetc.prototxt.parse_net_text(text, "lenet_shared.prototxt"), phase="TRAIN", seed=1)
-    assert net.params["ip2b"][0] is not net.params["ip2"][0]  # ip2 is 10x500, ip2b's weight is 10x10
+    assert net.params["ip2b"][0] is net.params["ip2"][0]
     out = tmp_path / "w.caffemodel.h5"
     resnetc.weights.save_caffemodel_h5(net, out)
     with h5py.File(out, "r") as f:
         assert sorted(f["data"]) == sorted(l.name for l in net.graph.layers)  # a group per layer
         assert list(f["data/conv1"]) == ["0", "1"] and f["data/ip1/0"].shape == (500, 800)
+        assert list(f["data/ip2b"]) == [] and list(f["data/relu1"]) == []  # shared blobs: owner only
     net2 = resnetc.load_net(resnetc.prototxt.parse_net_text(text, "lenet_shared.prototxt"), phase="TRAIN", seed=2)
     resnetc.load_caffemodel(net2, out)  # detected by content, not by name
     for name, ps in net.params.items():
@@ -270,17 +271,26 @@ def test_shape_mismatch_names_file_layer_blob_and_both_shapes(oracle, tmp_path):
 
 def test_blob_count_mismatch(oracle, tmp_path):
     text = open(os.path.join(oracle, "lenet", "lenet_ref.prototxt")).read()
-    text = text.replace("num_output: 10", "num_output: 10\n    bias_term: false", 1)
+    text = text.replace("param { lr_mult: 1 } param { lr_mult: 2 }\n  inner_product_param { num_output: 10",
+                        "inner_product_param { num_output: 10 bias_term: false", 1)
     net = resnetc.load_net(resnetc.prototxt.parse_net_text(text, "nobias.prototxt"), phase="TRAIN", seed=1)
     with pytest.raises(ResnetcError, match=r"layer 'ip2'.*the file has 2, the net's layer has 1"):
         resnetc.load_caffemodel(net, os.path.join(oracle, LENET_W))
 
 
-def test_file_matching_no_layer_is_an_error(oracle, corpus):
+def test_file_matching_no_layer_is_an_error(oracle, tmp_path):
+    """Caffe would ignore every layer and run on fillers; a file none of whose weights fits is an error."""
+    msg = caffe_pb2.NetParameter(name="other")
+    for name in ("fc_a", "fc_b"):
+        bp = msg.layer.add(name=name, type="InnerProduct").blobs.add()
+        bp.shape.dim.append(3)
+        bp.data.extend([1.0, 2.0, 3.0])
+    path = tmp_path / "other.caffemodel"
+    path.write_bytes(msg.SerializeToString())
     net = _lenet(oracle)
     snap = _snapshot(net)
-    with pytest.raises(ResnetcError, match="no layer with weights in the file matches"):
-        resnetc.load_caffemodel(net, os.path.join(corpus, REAL[0][1]))  # MTCNN weights into LeNet
+    with pytest.raises(ResnetcError, match=r"no layer with weights in the file matches.*fc_a, fc_b.*conv1"):
+        resnetc.load_caffemodel(net, path)
     assert _same_params(net, snap)
 
 

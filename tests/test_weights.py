@@ -135,9 +135,10 @@ def test_corpus_round_trip_keeps_every_blob(corpus, tmp_path, proto, model):
     out = tmp_path / "rt.caffemodel"
     resnetc.save_caffemodel(net, out)
     before, after = _blobs_by_layer(os.path.join(corpus, model)), _blobs_by_layer(out)
-    assert sorted(after) == sorted(before)
-    for name, blobs in before.items():
-        for i, ((shape0, v0), (shape1, v1)) in enumerate(zip(blobs, after[name])):
+    # the files come from TRAIN nets: a train-only layer (det2/det3's conv5-3 ...) is not in the deploy net
+    assert sorted(after) == sorted(n for n in before if n in net.params) == sorted(net.params)
+    for name, blobs in after.items():
+        for i, ((shape0, v0), (shape1, v1)) in enumerate(zip(before[name], blobs)):
             assert shape1 == tuple(net.params[name][i].shape)
             assert np.prod(shape0) == np.prod(shape1)
             assert np.array_equal(v0, v1), f"{model} {name}/{i}"

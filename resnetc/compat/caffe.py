@@ -329,12 +329,17 @@ class _SolverBase:
     TYPE = None
 
     def __init__(self, solver_file):
+        from ..prototxt import read_solver
         from ..solver import Solver
+        from ..solver.core import default_snapshot_prefix
 
-        kwargs = {}
-        if self.TYPE is not None:
-            kwargs["solver_type"] = self.TYPE
-        self._solver = Solver.from_file(os.fspath(solver_file), device=_Mode.device, **kwargs)
+        path = os.fspath(solver_file)
+        param = read_solver(path)
+        default_snapshot_prefix(param, path)
+        if self.TYPE is not None:  # pycaffe's caffe.SGDSolver(file) is an SGD solver whatever the file says
+            param.ClearField("solver_type")
+            param.type = self.TYPE
+        self._solver = Solver(param, device=_Mode.device, solver_file=path)
         self.net = Net(None, net=self._solver.net)
         self.test_nets = [Net(None, net=n) for n in self._solver.test_nets]
 

@@ -566,10 +566,16 @@ class ArgMax(CaffeLayer):
 
     def _topk(self, x, dim: int):
         n = x.shape[dim]
-        values, idx = torch.sort(torch.flip(x, (dim,)), dim=dim, descending=True, stable=True)
-        values = values.narrow(dim, 0, self.k)
-        idx = (n - 1) - idx.narrow(dim, 0, self.k)
-        return values, idx.to(x.dtype)
+        rev = torch.flip(x, (dim,))
+        if _tracing():
+            # ONNX TopK puts the lower index first among equal values: on the reversed axis, Caffe's order
+            values, idx = torch.topk(rev, self.k, dim=dim, largest=True, sorted=True)
+        elif self.k == 1:
+            values, idx = torch.max(rev, dim=dim, keepdim=True)  # the first maximum of the reversed axis
+        else:
+            values, idx = torch.sort(rev, dim=dim, descending=True, stable=True)
+            values, idx = values.narrow(dim, 0, self.k), idx.narrow(dim, 0, self.k)
+        return values, ((n - 1) - idx).to(x.dtype)
 
     def forward(self, x):
         x = x.detach()
@@ -615,8 +621,7 @@ class Embed(_Located):
         self.bias = bool(layer.param.embed_param.bias_term)
 
     def forward(self, x):
-        idx = x.detach()
-        idx = idx.trunc().long() if idx.is_floating_point() else idx.long()
+        idx = x.detach().to(torch.int64)  # static_cast<int>: truncation toward zero (ONNX Cast does the same)
         if not _tracing() and idx.numel():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.input_dim:
@@ -674,8 +679,7 @@ class BatchReindex(_Located):
     """``top[i] = bottom[int(idx[i])]``; gradients of repeated indices add up; none to the indices."""
 
     def forward(self, x, idx):
-        i = idx.detach()
-        i = i.trunc().long() if i.is_floating_point() else i.long()
+        i = idx.detach().to(torch.int64)
         if not _tracing() and i.numel():
             lo, hi = int(i.min()), int(i.max())
             if lo < 0 or hi >= x.shape[0]:

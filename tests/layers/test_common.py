@@ -459,30 +459,115 @@ def test_hdf5_output_writes_one_batch(tmp_path):
         net(d=d, l=torch.tensor([1.0, 0.0]))
 
 
-def test_onnx_export_of_plumbing(tmp_path):
-    """A net of plumbing layers exports to ONNX and onnxruntime gives torch's output."""
+def onnx_matches_torch(net, inputs: dict, tmp_path, export_inputs: dict = None) -> None:
+    """Export ``net`` (TorchScript exporter, dynamic batch axis, as resnetc.export does) with ``export_inputs``,
+    then run ``inputs`` (another batch size) in onnxruntime: every output equals torch's."""
     ort = pytest.importorskip("onnxruntime")
-    text = (inp("a", 2, 6, 4) + inp("b", 2, 6, 4)
-            + 'layer { name: "e" type: "Eltwise" bottom: "a" bottom: "b" top: "m" eltwise_param { operation: MAX } }\n'
-            + 'layer { name: "s" type: "Slice" bottom: "m" top: "p" top: "q" slice_param { slice_point: 2 } }\n'
-            + 'layer { name: "c" type: "Concat" bottom: "q" bottom: "p" top: "c" }\n'
-            + 'layer { name: "r" type: "Reshape" bottom: "c" top: "r" reshape_param { shape { dim: 0 dim: -1 } } }\n'
-            + 'layer { name: "sm" type: "Softmax" bottom: "r" top: "y" }\n')
-    net = net_from(text, tmp_path)
-    net.eval()
-    a, b = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
-    want = net(a=a, b=b)["y"].detach().numpy()
+    names, outputs = list(inputs), net.outputs
 
     class Wrap(torch.nn.Module):
         def __init__(self, n):
             super().__init__()
             self.n = n
 
-        def forward(self, a, b):
-            return self.n(a=a, b=b)["y"]
+        def forward(self, *args):
+            out = self.n(**dict(zip(names, args)))
+            return tuple(out[k] for k in outputs)
 
+    ex = export_inputs or {k: v[:2] for k, v in inputs.items()}
     path = str(tmp_path / "m.onnx")
-    torch.onnx.export(Wrap(net), (a, b), path, input_names=["a", "b"], output_names=["y"], dynamo=False)
+    torch.onnx.export(Wrap(net), tuple(ex[k] for k in names), path, input_names=names, output_names=outputs,
+                      dynamo=False, dynamic_axes={k: {0: "N"} for k in names + outputs})
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"a": a.numpy(), "b": b.numpy()})[0]
-    assert np.allclose(got, want, atol=1e-6)
+    want = net(**inputs)
+    for k, got in zip(outputs, sess.run(None, {k: v.numpy() for k, v in inputs.items()})):
+        w = want[k].detach().numpy()
+        assert got.shape == w.shape, f"{k}: {got.shape} != {w.shape}"
+        assert np.allclose(got, w, atol=1e-5), f"{k}: onnxruntime differs from torch"
+
+
+def test_onnx_export_of_plumbing(tmp_path):
+    text = (inp("a", 2, 6, 4) + inp("b", 2, 6, 4) + inp("r", 2, 3, 2)
+            + 'layer { name: "e" type: "Eltwise" bottom: "a" bottom: "b" top: "m" eltwise_param { operation: MAX } }\n'
+            + 'layer { name: "s" type: "Slice" bottom: "m" top: "p" top: "q" slice_param { slice_point: 2 } }\n'
+            + 'layer { name: "c" type: "Concat" bottom: "q" bottom: "p" top: "c" }\n'
+            + 'layer { name: "rs" type: "Reshape" bottom: "c" top: "rs" reshape_param { shape { dim: 0 dim: -1 } } }\n'
+            + 'layer { name: "sm" type: "Softmax" bottom: "rs" top: "sm" }\n'
+            + 'layer { name: "cr" type: "Crop" bottom: "a" bottom: "r" top: "cr" crop_param { axis: 1 offset: 1 } }\n'
+            + 'layer { name: "t" type: "Tile" bottom: "cr" top: "t" tile_param { axis: 1 tiles: 2 } }\n'
+            + 'layer { name: "f" type: "Flatten" bottom: "t" top: "f" }\n'
+            + 'layer { name: "red" type: "Reduction" bottom: "f" top: "red" reduction_param { axis: 1 operation: ASUM } }\n')
+    net = net_from(text, tmp_path)
+    onnx_matches_torch(net, {"a": torch.randn(5, 6, 4), "b": torch.randn(5, 6, 4), "r": torch.randn(5, 3, 2)},
+                       tmp_path)
+
+
+def test_onnx_export_of_argmax_ties_and_embed(tmp_path):
+    text = (inp("x", 2, 6) + inp("i", 2, 3)
+            + 'layer { name: "a" type: "ArgMax" bottom: "x" top: "y" argmax_param { top_k: 3 out_max_val: true } }\n'
+            + 'layer { name: "b" type: "ArgMax" bottom: "x" top: "z" argmax_param { axis: 1 } }\n'
+            + 'layer { name: "e" type: "Embed" bottom: "i" top: "w" embed_param { num_output: 2 input_dim: 4 '
+              'weight_filler { type: "gaussian" std: 1 } } }\n')
+    net = net_from(text, tmp_path)
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0, 2.0]] * 4)  # ties: Caffe orders them by descending index
+    i = torch.tensor([[0.5, 3.9, 2.0]] * 4)
+    onnx_matches_torch(net, {"x": x, "i": i}, tmp_path, export_inputs={"x": torch.randn(2, 6), "i": i[:2]})
+    assert net(x=x, i=i)["y"][0].tolist() == [[4, 2, 1], [3, 3, 3]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Corpus: every layer of these families in the real-world nets gets Caffe's top and parameter shapes
+
+
+def _corpus_shapes() -> dict:
+    import gzip
+    import json
+
+    path = os.path.join(ORACLE, "shapes", "shapes.json.gz")
+    if not os.path.exists(path):
+        return {}
+    with gzip.open(path) as f:
+        return json.load(f)
+
+
+def _my_types() -> set:
+    from resnetc.layers import registry
+
+    registry.supported_types()
+    return {n for n, e in registry.REGISTRY.items() if e.family in ("common", "neuron")}
+
+
+SHAPES = _corpus_shapes()
+CORPUS_KEYS = sorted(k for k, v in SHAPES.items() if set(v["layer_types"]) & _my_types())
+
+
+@pytest.mark.parametrize("key", CORPUS_KEYS or ["<no oracle>"])
+def test_corpus_layer_shapes_match_caffe(key, corpus):
+    """Each layer of our families is fed Caffe's bottom shapes (from the shapes oracle) and must give Caffe's
+    top and parameter shapes; independent of the other families' rules."""
+    from resnetc.graph import Layer, filter_layers, insert_splits, make_state
+    from resnetc.layers import registry
+
+    v = SHAPES[key]
+    src = read_net(os.path.join(corpus, key.split("@")[0]))
+    kept = filter_layers(src, make_state(src.param, v["phase"], None, v.get("stages", ())))
+    mine = _my_types()
+    replaced = v.get("inputs_replaced") or {}
+    checked = 0
+    for lp in insert_splits(kept, src):
+        if lp.type not in mine or lp.name in replaced:
+            continue
+        spec = registry.get(lp.type)
+        layer = Layer(name=lp.name, type=lp.type, param=lp, bottoms=list(lp.bottom), tops=list(lp.top),
+                      caffe_bottoms=list(lp.bottom), caffe_tops=list(lp.top), phase=v["phase"], spec=spec,
+                      bottom_shapes=[tuple(v["blobs"][b]) for b in lp.bottom])
+        if spec.check:
+            spec.check(layer)
+        tops = spec.shape(layer, layer.bottom_shapes)
+        for t, shp in zip(lp.top, tops):
+            assert shp == tuple(v["blobs"][t]), f"{lp.name} ({lp.type}) top {t}: {shp} != Caffe's {v['blobs'][t]}"
+        if spec.params:
+            got = [tuple(b.shape) for b in spec.params(layer, layer.bottom_shapes)]
+            assert got == [tuple(s) for s in v["params"].get(lp.name, [])], f"params of {lp.name}: {got}"
+        checked += 1
+    assert checked

@@ -1,14 +1,14 @@
 """Neuron layers: one bottom, one top of the same shape, computed element by element (CAFFE_SEMANTICS.md §7.2).
 
-Every forward follows Caffe's own formula and precision (e.g. BNLL is ``x + log(1 + e^−x)`` for x > 0, with
-the log in double as Caffe's ``1.`` constant makes it), and is written so that plain autograd gives Caffe's backward, including at
-the kinks:
+Every forward follows Caffe's own formula and precision (where Caffe's ``1.``/``0.5`` constants make it compute
+in double, as in BNLL and Sigmoid, the correctly rounded torch op is used), and is written so that plain
+autograd gives Caffe's backward, including at the kinks:
 
 * ReLU / PReLU: gradient at x == 0 is the negative slope (Caffe's ``x > 0`` test), as torch's leaky_relu/prelu.
 * ELU: at x == 0 the gradient is ``alpha`` (Caffe: ``x > 0 ? 1 : y + alpha``): ``relu`` passes nothing at 0 and
   ``clamp(max=0)`` passes everything, so the sum is exactly Caffe's.
-* BNLL: written ``m + log1p(exp(x − 2m))`` with ``m = clamp(x, min=0)`` (clamp's gradient is inclusive), whose
-  value is Caffe's two-branch formula and whose gradient is ``σ(x)`` everywhere, 0.5 at 0.
+* BNLL: Caffe's two-branch formula, computed in double and rounded, is the correctly rounded softplus, which
+  torch's fused ``softplus`` gives (gradient ``σ(x)``, 0.5 at 0).
 * Clip: ``torch.clamp``'s gradient is inclusive at both bounds, as Caffe's ``min <= x <= max``.
 * Threshold has no gradient (Caffe's backward is NOT_IMPLEMENTED), Power with ``power·scale == 0`` is a constant.
 
@@ -113,14 +113,14 @@ class AbsVal(CaffeLayer):
 
 
 class BNLL(CaffeLayer):
-    """``x > 0 ? x + log(1 + e^−x) : log(1 + e^x)``; gradient ``σ(x)`` (Caffe clamps x at 50 first: σ(50) == 1).
+    """``x > 0 ? x + log(1 + e^−x) : log(1 + e^x)``; gradient ``σ(min(x, 50))``.
 
-    Caffe's ``log(1. + exp(.))`` runs in double (``1.`` is a double), so the float32 ``log1p`` matches it where a
-    float32 ``log(1 + e)`` would lose the small ``e``."""
+    Caffe evaluates the log in double (its ``1.`` constant is a double) and rounds once, i.e. the correctly
+    rounded softplus; torch's fused ``softplus`` is that to an ulp (it returns x beyond 20, where Caffe's
+    ``x + log1p(e^−x)`` rounds to x too), and its gradient is ``σ(x)``, 0.5 at 0, as Caffe's."""
 
     def forward(self, x):
-        m = torch.clamp(x, min=0.0)
-        return m + torch.log1p(torch.exp(x - 2.0 * m))
+        return F.softplus(x)
 
 
 class Swish(CaffeLayer):

@@ -52,6 +52,16 @@ def _fmt(shape) -> str:
     return "x".join(str(d) for d in shape) or "scalar"
 
 
+def _bottom(layer, i: int = 0, *, full: bool = True) -> tuple:
+    """Bottom ``i``'s inferred shape for a lowering; a clear error when it is unknown (``full``: every dim
+    needed, else only the number of axes)."""
+    shape = layer.bottom_shapes[i] if i < len(layer.bottom_shapes) else None
+    if shape is None or (full and any(d is None for d in shape)):
+        raise layer.error(f"cannot lower: the shape of bottom {i} ('{layer.caffe_bottoms[i]}') is unknown (give the "
+                          f"input shapes, e.g. --input-shape data=1,3,224,224)")
+    return tuple(shape)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Input
 
@@ -144,7 +154,7 @@ def _concat_shape(layer, bottoms):
 class Concat(CaffeLayer):
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
-        self.axis = _concat_axis(layer, layer.bottom_shapes)
+        self.axis = _concat_axis(layer, [_bottom(layer, 0, full=False)])
 
     def forward(self, *bottoms):
         if len(bottoms) == 1:
@@ -198,14 +208,27 @@ def _slice_shape(layer, bottoms):
 
 
 class Slice(CaffeLayer):
+    """Sizes follow Caffe's Reshape at every forward, so slicing the batch axis works for any batch size."""
+
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
-        self.axis, self.sizes = _slice_sizes(layer, layer.bottom_shapes[0])
+        self.axis, sizes = _slice_sizes(layer, _bottom(layer))
+        self.n = len(sizes)
+        self.points = list(layer.param.slice_param.slice_point)
+        self.static = sizes
+        self.static_dim = sum(sizes)
 
     def forward(self, x):
-        if len(self.sizes) == 1:
+        if self.n == 1:
             return x
-        return tuple(torch.split(x, self.sizes, dim=self.axis))
+        dim = x.shape[self.axis]
+        if dim == self.static_dim:
+            sizes = self.static
+        elif self.points:
+            sizes = self.static[:-1] + [dim - self.points[-1]]
+        else:
+            sizes = [dim // self.n] * self.n
+        return tuple(torch.split(x, sizes, dim=self.axis))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -310,7 +333,7 @@ class Flatten(CaffeLayer):
 
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
-        self.start, self.end = _flatten_axes(layer, layer.bottom_shapes[0])
+        self.start, self.end = _flatten_axes(layer, _bottom(layer, full=False))
 
     def forward(self, x):
         if self.end < self.start:
@@ -376,7 +399,7 @@ class Reshape(CaffeLayer):
 
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
-        b = layer.bottom_shapes[0]
+        b = _bottom(layer, full=False)
         self.start, self.end = _reshape_range(layer, len(b))
         # per new axis: ("copy", bottom axis) or ("dim", value incl. -1)
         self.spec = [(True, self.start + i) if d == 0 else (False, int(d))
@@ -425,7 +448,7 @@ class Crop(CaffeLayer):
 
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
-        b0, b1 = layer.bottom_shapes
+        b0, b1 = _bottom(layer, 0), _bottom(layer, 1)
         self.start, offsets = _crop_offsets(layer, b0, b1)
         self.offsets = offsets[self.start:]
 
@@ -453,7 +476,7 @@ class Tile(CaffeLayer):
 
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
-        n = len(layer.bottom_shapes[0])
+        n = len(_bottom(layer, full=False))
         axis = canonical_axis(layer.param.tile_param.axis, n, "tile_param.axis")
         self.repeats = [1] * n
         self.repeats[axis] = int(layer.param.tile_param.tiles)
@@ -481,13 +504,18 @@ class Reduction(CaffeLayer):
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
         p = layer.param.reduction_param
-        b = layer.bottom_shapes[0]
+        b = _bottom(layer, full=False)
         self.axis = canonical_axis(p.axis, len(b), "reduction_param.axis")
         self.op = p.operation
-        coeff = np.float32(p.coeff)
-        if self.op == Red.MEAN:
-            coeff = np.float32(coeff / np.float32(count(b, self.axis)))
-        self.coeff = float(coeff)
+        self.coeff = float(np.float32(p.coeff))
+        self._mean_coeffs = {}
+
+    def _mean_coeff(self, dim: int) -> float:
+        """MEAN: Caffe's ``coeff_ /= dim_`` in float32, re-derived when the reduced size changes."""
+        c = self._mean_coeffs.get(dim)
+        if c is None:
+            c = self._mean_coeffs[dim] = float(np.float32(np.float32(self.coeff) / np.float32(dim)))
+        return c
 
     def forward(self, x):
         flat = torch.flatten(x, self.axis) if x.dim() else x.reshape(1)
@@ -496,7 +524,8 @@ class Reduction(CaffeLayer):
         elif self.op == Red.SUMSQ:
             flat = flat * flat
         y = flat.sum(-1)
-        return y if self.coeff == 1.0 else y * self.coeff
+        c = self._mean_coeff(int(flat.shape[-1])) if self.op == Red.MEAN else self.coeff
+        return y if c == 1.0 else y * c
 
 
 def _softmax_axis(layer, shape) -> int:
@@ -513,7 +542,7 @@ class Softmax(CaffeLayer):
 
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
-        self.axis = _softmax_axis(layer, layer.bottom_shapes[0])
+        self.axis = _softmax_axis(layer, _bottom(layer, full=False))
 
     def forward(self, x):
         return torch.softmax(x, self.axis)
@@ -560,7 +589,7 @@ class ArgMax(CaffeLayer):
 
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
-        b = tuple(layer.bottom_shapes[0])
+        b = _bottom(layer)
         self.axis, self.k, self.out_max_val = _argmax_setup(layer, b)
         self.top_shape_tail = tuple(_argmax_shape(layer, [b])[0][1:])
 

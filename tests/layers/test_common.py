@@ -13,7 +13,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from google.protobuf import text_format
 
 import resnetc
 from resnetc.errors import ResnetcError
@@ -326,6 +325,19 @@ def test_reduction_default_is_scalar(tmp_path):
     x = torch.arange(6.0)
     y = net(x=x.reshape(2, 3))["y"]
     assert y.shape == () and float(y) == pytest.approx(7.5)
+    y = net(x=torch.arange(12.0).reshape(4, 3))["y"]  # another batch: Caffe re-derives coeff/dim each forward
+    assert float(y) == pytest.approx(16.5)
+
+
+def test_slice_of_the_batch_axis_follows_the_batch(tmp_path):
+    net = net_from(inp("x", 4, 2) + 'layer { name: "s" type: "Slice" bottom: "x" top: "p" top: "q" '
+                   'slice_param { axis: 0 } }', tmp_path)
+    out = net(x=torch.zeros(6, 2))
+    assert out["p"].shape == (3, 2) and out["q"].shape == (3, 2)
+    net = net_from(inp("x", 4, 2) + 'layer { name: "s" type: "Slice" bottom: "x" top: "p" top: "q" '
+                   'slice_param { axis: 0 slice_point: 1 } }', tmp_path)
+    out = net(x=torch.zeros(6, 2))
+    assert out["p"].shape == (1, 2) and out["q"].shape == (5, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -496,7 +508,8 @@ def test_onnx_export_of_plumbing(tmp_path):
             + 'layer { name: "cr" type: "Crop" bottom: "a" bottom: "r" top: "cr" crop_param { axis: 1 offset: 1 } }\n'
             + 'layer { name: "t" type: "Tile" bottom: "cr" top: "t" tile_param { axis: 1 tiles: 2 } }\n'
             + 'layer { name: "f" type: "Flatten" bottom: "t" top: "f" }\n'
-            + 'layer { name: "red" type: "Reduction" bottom: "f" top: "red" reduction_param { axis: 1 operation: ASUM } }\n')
+            + 'layer { name: "red" type: "Reduction" bottom: "f" top: "red" '
+              'reduction_param { axis: 1 operation: ASUM } }\n')
     net = net_from(text, tmp_path)
     onnx_matches_torch(net, {"a": torch.randn(5, 6, 4), "b": torch.randn(5, 6, 4), "r": torch.randn(5, 3, 2)},
                        tmp_path)

@@ -1,0 +1,266 @@
+"""Normalisation layers: BatchNorm, Scale, Bias, MVN (CAFFE_SEMANTICS.md §7.1/§7.2, oracle README).
+
+* **BatchNorm** has no affine part. Its three blobs are ``[mean·s, var·s, s]`` (not learnable, zeros by
+  default); the layer divides by ``s`` (``s == 0`` ⇒ factor 0). ``use_global_stats`` defaults to the
+  *layer's* phase being TEST. Without global stats the forward normalises with the biased batch variance and
+  updates the blobs in place: ``s ← maf·s + 1``, ``m ← maf·m + mean``, ``v ← maf·v + var·M/(M−1)``. ``eps`` is
+  added to the variance. The global-stats backward treats the statistics as constants, as Caffe does.
+* **Scale** / **Bias**: one bottom ⇒ a learned blob of shape ``bottom.shape[axis : axis+num_axes]`` broadcast
+  over the other axes (Scale's default filler is constant 1, Bias's constant 0; Scale with ``bias_term`` adds a
+  bias blob of the same shape). Two bottoms ⇒ bottom[1] is the scale/bias (its own shape decides; a 0-axis one
+  is broadcast everywhere) and receives a gradient.
+* **MVN**: ``(x − mean) / (std + eps)`` per (n, c) or per n (``across_channels``), biased std, top forced 4-D.
+  Its gradient is Caffe's formula ``(dy − mean(dy) − y·mean(y·dy)) / (std + eps)``, which differs from the
+  exact derivative only through eps, and is finite on constant groups (see :func:`_caffe_std`).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import CaffeLayer
+from .registry import ParamBlob, ShapeError, canonical_axis, constant_filler, count, register
+
+FAMILY = "norm"
+
+
+def _fmt(shape) -> str:
+    return "x".join(str(d) for d in shape) or "scalar"
+
+
+# ==========================================================================================================
+# BatchNorm
+
+
+def _bn_channels(shape) -> int:
+    return 1 if len(shape) == 1 else int(shape[1])
+
+
+def _bn_shape(layer, bottoms):
+    if len(bottoms[0]) < 1:
+        raise ShapeError("BatchNorm needs a bottom with at least one axis")
+    return [tuple(bottoms[0])]
+
+
+def _bn_params(layer, bottoms):
+    c = _bn_channels(bottoms[0])
+    return [ParamBlob((c,), None, learnable=False, role="mean"),
+            ParamBlob((c,), None, learnable=False, role="variance"),
+            ParamBlob((1,), None, learnable=False, role="scale factor")]
+
+
+def _bn_flops(layer, bottoms, tops):
+    return count(bottoms[0])  # one subtract-and-scale per element
+
+
+def use_global_stats(layer) -> bool:
+    p = layer.param.batch_norm_param
+    return bool(p.use_global_stats) if p.HasField("use_global_stats") else layer.phase == "TEST"
+
+
+class BatchNorm(CaffeLayer):
+    """Caffe BatchNorm (statistics only; the affine part is a following Scale layer)."""
+
+    def __init__(self, layer, blobs):
+        super().__init__(layer, blobs)
+        p = layer.param.batch_norm_param
+        self.global_stats = use_global_stats(layer)
+        self.maf = float(p.moving_average_fraction)
+        self.eps = float(p.eps)
+
+    def forward(self, x):
+        one_d = x.dim() == 1
+        if one_d:
+            x = x.unsqueeze(1)
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        if self.global_stats:
+            s = self.blobs[2][0]
+            factor = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+            mean = (self.blobs[0].detach() * factor.detach()).reshape(view)
+            var = (self.blobs[1].detach() * factor.detach()).reshape(view)
+            y = (x - mean) / torch.sqrt(var + self.eps)
+        else:
+            dims = [0] + list(range(2, x.dim()))
+            mean = x.mean(dim=dims, keepdim=True)
+            centred = x - mean
+            var = (centred * centred).mean(dim=dims, keepdim=True)
+            self._update_running(mean, var, x.numel() // x.shape[1])
+            y = centred / torch.sqrt(var + self.eps)
+        if self.blobs[0].requires_grad or self.blobs[1].requires_grad or self.blobs[2].requires_grad:
+            # force_backward: Caffe gives the statistics a diff, and it is zero (its backward never writes it)
+            y = y + 0.0 * (self.blobs[0].sum() + self.blobs[1].sum() + self.blobs[2].sum())
+        return y.squeeze(1) if one_d else y
+
+    def _update_running(self, mean, var, m: int) -> None:
+        correction = m / (m - 1) if m > 1 else 1.0
+        with torch.no_grad():
+            mean_b, var_b, s_b = self.blobs[0], self.blobs[1], self.blobs[2]
+            s_b.mul_(self.maf).add_(1.0)
+            mean_b.mul_(self.maf).add_(mean.detach().reshape(-1))
+            var_b.mul_(self.maf).add_(var.detach().reshape(-1) * correction)
+
+
+# ==========================================================================================================
+# Scale / Bias
+
+
+def _blob_axes(layer, bottoms, p, what: str):
+    """(axis, blob shape) of a Scale/Bias: the learned blob's shape (1 bottom) or bottom[1]'s (2 bottoms)."""
+    b = tuple(bottoms[0])
+    if len(bottoms) > 1:
+        shape = tuple(bottoms[1])
+    else:
+        if p.num_axes < -1:
+            raise ShapeError("num_axes must be non-negative, or -1 to extend to the end of bottom[0]")
+        axis = canonical_axis(p.axis, len(b), f"{what}_param.axis")
+        if p.num_axes >= 0 and len(b) < axis + p.num_axes:
+            raise ShapeError(f"{what} blob's shape extends past bottom[0]'s shape when applied starting with "
+                             f"bottom[0] axis = {axis}")
+        shape = b[axis:] if p.num_axes == -1 else b[axis:axis + p.num_axes]
+    axis = 0 if len(shape) == 0 else canonical_axis(p.axis, len(b), f"{what}_param.axis")
+    if len(b) < axis + len(shape):
+        raise ShapeError(f"{what} of shape {_fmt(shape)} does not fit bottom[0] {_fmt(b)} from axis {axis}")
+    for i, d in enumerate(shape):
+        if b[axis + i] != d:
+            raise ShapeError(f"dimension mismatch between bottom[0]->shape({axis + i}) = {b[axis + i]} and "
+                             f"{what}->shape({i}) = {d} (bottom[0] {_fmt(b)}, {what} {_fmt(shape)})")
+    return axis, shape
+
+
+def _scale_shape(layer, bottoms):
+    _blob_axes(layer, bottoms, layer.param.scale_param, "scale")
+    return [tuple(bottoms[0])]
+
+
+def _bias_shape(layer, bottoms):
+    _blob_axes(layer, bottoms, layer.param.bias_param, "bias")
+    return [tuple(bottoms[0])]
+
+
+def _scale_params(layer, bottoms):
+    p = layer.param.scale_param
+    _, shape = _blob_axes(layer, bottoms, p, "scale")
+    blobs = []
+    if len(bottoms) == 1:
+        blobs.append(ParamBlob(shape, p.filler if p.HasField("filler") else constant_filler(1.0), role="scale"))
+    if p.bias_term:
+        blobs.append(ParamBlob(shape, p.bias_filler if p.HasField("bias_filler") else constant_filler(0.0),
+                               role="bias"))
+    return blobs
+
+
+def _bias_params(layer, bottoms):
+    if len(bottoms) > 1:
+        return []
+    p = layer.param.bias_param
+    _, shape = _blob_axes(layer, bottoms, p, "bias")
+    return [ParamBlob(shape, p.filler if p.HasField("filler") else constant_filler(0.0), role="bias")]
+
+
+def _scale_flops(layer, bottoms, tops):
+    return count(bottoms[0])
+
+
+class _Broadcast(CaffeLayer):
+    """Shared plumbing: reshape a blob of shape ``bottom.shape[axis : axis+k]`` to broadcast against bottom 0."""
+
+    def _setup(self, layer, p, what):
+        axis, shape = _blob_axes(layer, layer.bottom_shapes, p, what)
+        # trailing singleton axes after the blob's axes; the leading ones come from broadcasting
+        self.trailing = (1,) * (len(layer.bottom_shapes[0]) - axis - len(shape))
+
+    def _expand(self, t):
+        return t.reshape(tuple(t.shape) + self.trailing) if self.trailing and t.dim() else t
+
+
+class Scale(_Broadcast):
+    """``y = x·scale (+ bias)``; the scale is blob 0 (1 bottom) or bottom 1."""
+
+    def __init__(self, layer, blobs):
+        super().__init__(layer, blobs)
+        p = layer.param.scale_param
+        self._setup(layer, p, "scale")
+        self.two_bottoms = len(layer.bottom_shapes) > 1
+        self.has_bias = bool(p.bias_term)
+
+    def forward(self, x, *rest):
+        s = rest[0] if self.two_bottoms else self.blobs[0]
+        y = x * self._expand(s)
+        if self.has_bias:
+            y = y + self._expand(self.blobs[0 if self.two_bottoms else 1])
+        return y
+
+
+class Bias(_Broadcast):
+    """``y = x + bias``; the bias is blob 0 (1 bottom) or bottom 1."""
+
+    def __init__(self, layer, blobs):
+        super().__init__(layer, blobs)
+        self._setup(layer, layer.param.bias_param, "bias")
+        self.two_bottoms = len(layer.bottom_shapes) > 1
+
+    def forward(self, x, *rest):
+        return x + self._expand(rest[0] if self.two_bottoms else self.blobs[0])
+
+
+# ==========================================================================================================
+# MVN
+
+
+def _mvn_shape(layer, bottoms):
+    b = tuple(bottoms[0])
+    if len(b) > 4:
+        raise ShapeError(f"MVN reads its bottom through Caffe's legacy (num, channels, height, width) accessors, "
+                         f"which allow at most 4 axes; got {_fmt(b)}")
+    return [b + (1,) * (4 - len(b))]
+
+
+def _mvn_flops(layer, bottoms, tops):
+    return 2 * count(bottoms[0])
+
+
+def _caffe_std(var: torch.Tensor, eps: float) -> torch.Tensor:
+    """``sqrt(var)`` whose derivative is ``1/(2·(sqrt(var) + eps))`` instead of ``1/(2·sqrt(var))``.
+
+    With it, autograd of ``(x − mean)/(std + eps)`` is exactly Caffe's MVN backward (which uses ``y/(std+eps)``
+    where the true derivative has ``(x − mean)/std``), and stays finite on constant groups (var == 0)."""
+    std = torch.sqrt(var.detach())
+    return std + (var - var.detach()) / (2.0 * (std + eps))
+
+
+class MVN(CaffeLayer):
+    """Mean-variance normalisation over each (n, c) plane, or each n with ``across_channels``."""
+
+    def __init__(self, layer, blobs):
+        super().__init__(layer, blobs)
+        p = layer.param.mvn_param
+        self.dims = (1, 2, 3) if p.across_channels else (2, 3)
+        self.normalize_variance = bool(p.normalize_variance)
+        self.eps = float(p.eps)
+        self.pad_axes = 4 - len(layer.bottom_shapes[0])
+
+    def forward(self, x):
+        if self.pad_axes:
+            x = x.reshape(tuple(x.shape) + (1,) * self.pad_axes)
+        centred = x - x.mean(dim=self.dims, keepdim=True)
+        if not self.normalize_variance:
+            return centred
+        var = (centred * centred).mean(dim=self.dims, keepdim=True)
+        return centred / (_caffe_std(var, self.eps) + self.eps)
+
+
+# ==========================================================================================================
+# registration
+
+
+def _reg(name, shape, lower, **kw):
+    register(name, shape=shape, lower=lower, family=FAMILY, **kw)
+
+
+_reg("BatchNorm", _bn_shape, BatchNorm, params=_bn_params, flops=_bn_flops, bottoms=(1, 1), tops=(1, 1),
+     doc="Batch normalisation statistics ([mean·s, var·s, s] blobs); affine part is a Scale layer")
+_reg("Scale", _scale_shape, Scale, params=_scale_params, flops=_scale_flops, bottoms=(1, 2), tops=(1, 1),
+     doc="Broadcast multiply by a learned (or second-bottom) scale, optional bias")
+_reg("Bias", _bias_shape, Bias, params=_bias_params, bottoms=(1, 2), tops=(1, 1),
+     doc="Broadcast add of a learned (or second-bottom) bias")
+_reg("MVN", _mvn_shape, MVN, flops=_mvn_flops, bottoms=(1, 1), tops=(1, 1),
+     doc="Mean-variance normalisation")

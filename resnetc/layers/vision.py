@@ -217,6 +217,8 @@ class Convolution(CaffeLayer):
             # Caffe's C division gives 1 output where (in + 2p − extent) is slightly negative; torch refuses such
             # an input, so those cases pad explicitly up to exactly one window
             out = g.output_spatial()
+            if min(out) < 1:
+                raise ShapeError(f"{layer.type} output would be empty ({_fmt(out)}) for input {_fmt(g.in_spatial)}")
             if any(i + 2 * p - e < 0 for i, p, e in zip(g.in_spatial, g.pad, g.extent)):
                 pads = []
                 for i, p, e, s, o in reversed(list(zip(g.in_spatial, g.pad, g.extent, g.stride, out))):
@@ -413,8 +415,9 @@ def _torch_pooled_size(size, k, s, p, ceil):
 class PoolOp(torch.nn.Module):
     """One Caffe pooling (MAX / AVE / STOCHASTIC) on (N, C, H, W), with precomputed padding plans."""
 
-    def __init__(self, g: PoolGeometry, hw, *, phase: str = "TEST", mask: bool = False):
+    def __init__(self, g: PoolGeometry, hw, *, phase: str = "TEST", mask: bool = False, allow_native: bool = True):
         super().__init__()
+        self.allow_native = allow_native  # False: always the explicit-padding path (tests compare the two)
         self.g = g
         self.method = g.method
         self.train_phase = phase == "TRAIN"
@@ -435,7 +438,7 @@ class PoolOp(torch.nn.Module):
         ph, pw = (g.ph, g.pw) if self.method != STOCHASTIC else (0, 0)
         # the fast path: torch's own pooling with implicit padding gives Caffe's windows when the sizes agree
         self.native = None
-        if self.method in (MAX, AVE) and 2 * ph <= g.kh and 2 * pw <= g.kw:
+        if self.allow_native and self.method in (MAX, AVE) and 2 * ph <= g.kh and 2 * pw <= g.kw:
             for ceil in (False, True):
                 if (_torch_pooled_size(h, g.kh, g.sh, ph, ceil), _torch_pooled_size(w, g.kw, g.sw, pw, ceil)) == (oh, ow):
                     self.native = ceil
@@ -458,12 +461,12 @@ class PoolOp(torch.nn.Module):
         return x
 
     def forward(self, x):
-        if tuple(x.shape[2:]) != self._hw:
+        if not torch.jit.is_tracing() and tuple(x.shape[2:]) != self._hw:
             self._plan(int(x.shape[2]), int(x.shape[3]), x.device)
         if self.method == MAX:
             return self._max(x)
         if self.method == AVE:
-            if self.g.global_pooling:
+            if self.g.global_pooling and self.allow_native:
                 return x.mean(dim=(2, 3), keepdim=True)
             if self.native is not None:
                 return F.avg_pool2d(x, self.kernel, self.stride, (self.g.ph, self.g.pw), self.native, True)
@@ -550,8 +553,8 @@ def _spp_levels(layer, h: int, w: int) -> list:
         ph, pw = (kh * bins - h + 1) // 2, (kw * bins - w + 1) // 2
         g = PoolGeometry(method, (kh, kw), (kh, kw), (ph, pw))
         if ph >= kh or pw >= kw:
-            raise ShapeError(f"SPP level {lvl} ({bins} bins) on a {h}x{w} input needs pad ({ph}, {pw}) >= kernel "
-                             f"({kh}, {kw}), which Caffe's pooling refuses")
+            raise ShapeError(f"SPP level {lvl} ({bins} bins) on a {h}x{w} input gives pooling pad ({ph}, {pw}), not "
+                             f"smaller than its kernel ({kh}, {kw}): Caffe's pooling refuses that")
         if (ph or pw) and method == STOCHASTIC:
             raise ShapeError(f"SPP level {lvl}: Padding implemented only for average and max pooling")
         levels.append(g)

@@ -424,7 +424,7 @@ def test_parameter_layer_top_is_its_blob(tmp_path):
     net = net_from('layer { name: "p" type: "Parameter" top: "y" parameter_param { shape { dim: 2 dim: 3 } } }',
                    tmp_path)
     p = net.params["p"][0]
-    assert p.shape == (2, 3) and float(p.abs().sum()) == 0.0
+    assert p.shape == (2, 3) and float(p.detach().abs().sum()) == 0.0
     y = net()["y"]
     (y * 2).sum().backward()
     assert p.grad.tolist() == [[2.0] * 3] * 2

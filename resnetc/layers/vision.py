@@ -5,8 +5,9 @@ Shape rules are transcriptions of Caffe's ``LayerSetUp``/``Reshape`` (``base_con
 ``pooling_layer.cpp``, ``spp_layer.cpp``, ``lrn_layer.cpp``, ``inner_product_layer.cpp``). The lowerings use
 torch's fused kernels and reproduce Caffe's arithmetic where it differs from torch's defaults:
 
-* Pooling sizes use Caffe's rule (CEIL default / FLOOR; the "last window must start inside image + pad"
-  correction applied to *both* axes as soon as *either* pad is non-zero). When torch's own
+* Pooling sizes use Caffe's rule (CEIL default / FLOOR; the correction "the last window must start inside
+  the image", ``(out − 1)·s < size + p`` in padded coordinates, applied to *both* axes as soon as *either* pad is
+  non-zero). When torch's own
   ``max_pool2d``/``avg_pool2d`` (``ceil_mode``, implicit padding ≤ kernel/2) gives the same output size, it is
   called directly: its window clipping, AVE divisor (window clipped to ``[−p, H+p)``, padding counted) and MAX
   tie rule (first maximum in row-major window order) are Caffe's. Otherwise the input is padded explicitly to
@@ -325,7 +326,7 @@ def pooled_size(size: int, k: int, s: int, p: int, ceil: bool = True, any_pad: b
     """Caffe's pooled size along one axis.
 
     ``ceil((size + 2p − k)/s) + 1`` (CEIL) or ``floor(...)`` (FLOOR), minus one when any pad is non-zero and
-    the last window would start at or after ``size + p``. ``any_pad`` is "pad_h or pad_w is non-zero" (Caffe
+    the last window would start at or after ``size + p`` in padded coordinates (i.e. outside the image). ``any_pad`` is "pad_h or pad_w is non-zero" (Caffe
     applies the correction to both axes when either is padded); by default this axis's ``p``.
     """
     num = size + 2 * p - k

@@ -500,14 +500,14 @@ class PoolOp(torch.nn.Module):
             s = F.avg_pool2d(xp, self.kernel, self.stride) * area
             s2 = F.avg_pool2d(xp * xp, self.kernel, self.stride) * area
             return s2 / (s + FLT_MIN)
-        n, c = x.shape[0], x.shape[1]
-        cols = F.unfold(xp, self.kernel, 1, 0, self.stride)  # (N, C·kh·kw, L)
-        cols = cols.reshape(n, c, self.g.kh * self.g.kw, -1)
-        cum = torch.cumsum(cols.detach(), dim=2)
-        thresh = torch.rand_like(cum[:, :, :1]) * cum[:, :, -1:]
-        pick = torch.argmax((cum >= thresh).to(torch.uint8), dim=2, keepdim=True)
-        y = torch.gather(cols, 2, pick)
-        return y.reshape(n, c, self.out_hw[0], self.out_hw[1])
+        # windows as a strided view (N, C, OH, OW, kh·kw), row-major inside each window like Caffe's loop
+        cols = xp.unfold(2, self.g.kh, self.g.sh).unfold(3, self.g.kw, self.g.sw)
+        cols = cols.reshape(cols.shape[:4] + (self.g.kh * self.g.kw,))
+        cum = torch.cumsum(cols.detach(), dim=4)
+        thresh = torch.rand_like(cum[..., :1]) * cum[..., -1:]
+        # the first element whose running sum reaches the threshold (argmax returns the first maximum)
+        pick = torch.argmax((cum >= thresh).to(torch.uint8), dim=4, keepdim=True)
+        return torch.gather(cols, 4, pick).squeeze(4)
 
 
 def _ave_divisor(h, w, oh, ow, g: PoolGeometry) -> torch.Tensor:

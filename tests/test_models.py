@@ -342,7 +342,8 @@ def test_a_generated_cifar_resnet_trains():
     from resnetc.prototxt import to_text
     from resnetc.net import load_net
 
-    net_param = cifar_resnet(20, phase="train_val", data=DataSource(shape=(8, 3, 32, 32)))
+    # 16x16 inputs keep it fast: the net ends in global pooling, so its layers and parameters are unchanged
+    net_param = cifar_resnet(20, phase="train_val", data=DataSource(shape=(4, 3, 16, 16)))
     src = parse_net_text(to_text(net_param), "resnet20_train_val.prototxt")
     try:
         net = load_net(src, phase="TRAIN", seed=1)
@@ -351,19 +352,40 @@ def test_a_generated_cifar_resnet_trains():
             pytest.skip(f"the layer registry cannot run every ResNet layer yet: {e.message[:80]}")
         raise
     g = torch.Generator().manual_seed(0)
-    data = torch.randn(8, 3, 32, 32, generator=g)
-    label = torch.randint(0, 10, (8,), generator=g).float()
+    data = torch.randn(4, 3, 16, 16, generator=g)
+    label = torch.randint(0, 10, (4,), generator=g).float()
     learnable = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.SGD(learnable, lr=0.05, momentum=0.9)
     mean_before = net.params["bn_conv1"][0].detach().clone()
     losses = []
-    for _ in range(5):
+    for _ in range(3):
         opt.zero_grad()
         loss = net(data=data, label=label)["loss"]
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in learnable)
         opt.step()
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0], losses
     assert not torch.equal(net.params["bn_conv1"][0], mean_before)
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda: imagenet_resnet(18), 11_689_512),
+    (lambda: imagenet_resnet(50, conv1_bias=False), 25_557_032),
+    (lambda: imagenet_resnet(50), 25_557_096),
+    (lambda: imagenet_resnet(152), 60_192_808),
+    (lambda: cifar_resnet(20), 272_474),
+    (lambda: cifar_resnet(56), 855_770),
+    (lambda: cifar_resnet(110), 1_730_714),
+])
+def test_parameter_counts_from_the_graphs_param_blobs(make, expected):
+    """The counts `resnetc summary` reports: learnable ParamBlobs of the built graph (BatchNorm stats apart)."""
+    from resnetc.graph import build_graph
+    from resnetc.prototxt import to_text
+
+    graph = build_graph(parse_net_text(to_text(make()), "generated.prototxt"), "TEST")
+    learnable = sum(_numel(b.shape) for l in graph.layers for b in l.blobs if b.learnable)
+    stats = sum(_numel(b.shape) for l in graph.layers for b in l.blobs if not b.learnable)
+    assert learnable == expected
+    assert stats == sum(2 * l.top_shapes[0][1] + 1 for l in graph.layers if l.type == "BatchNorm")

@@ -83,7 +83,7 @@ def test_shape_error_names_layer_and_line():
     text = NET.replace("kernel_size: 3", "kernel_size: 30")
     with pytest.raises(ResnetcError) as ei:
         graph(text)
-    assert str(ei.value).startswith("g.prototxt:4: layer 'conv1' (Convolution)")
+    assert str(ei.value).startswith("g.prototxt:5: layer 'conv1' (Convolution)")
 
 
 def test_in_place_refused_for_flatten():

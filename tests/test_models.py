@@ -12,7 +12,6 @@ import os
 
 import pytest
 
-from resnetc.errors import ResnetcError
 from resnetc.models import files as spec_files
 from resnetc.models.resnet import DataSource, cifar_resnet, imagenet_resnet, unit_names
 from resnetc.prototxt import parse_net_text, read_net
@@ -100,18 +99,15 @@ def test_deploy_layer_order_and_param_shapes_are_caffes(caffe_shapes, depth):
     assert param_shapes(net) == {k: [tuple(s) for s in v] for k, v in ref["params"].items()}
 
 
-def test_graph_shapes_are_caffes(caffe_shapes):
-    """build_graph on the generated ResNet-50 deploy: every blob and parameter shape is real Caffe's."""
+@pytest.mark.parametrize("depth", RELEASED)
+def test_graph_shapes_are_caffes(caffe_shapes, depth):
+    """build_graph on the generated deploy: every blob and parameter shape is real Caffe's."""
     from resnetc.graph import build_graph
 
-    src = parse_net_text(spec_files.resnet_spec_texts("r50.prototxt", 50)["r50_deploy.prototxt"], "r50_deploy")
-    try:
-        graph = build_graph(src, "TEST")
-    except ResnetcError as e:
-        if "unknown layer type" in str(e):
-            pytest.skip(f"the layer registry does not have every ResNet layer type yet: {e}")
-        raise
-    ref = caffe_shapes[50]
+    texts = spec_files.resnet_spec_texts("r.prototxt", depth)
+    src = parse_net_text(texts["r_deploy.prototxt"], "r_deploy.prototxt")
+    graph = build_graph(src, "TEST")
+    ref = caffe_shapes[depth]
     for blob, shape in ref["blobs"].items():
         ssa = graph.blob_alias.get(blob)
         assert ssa is not None, blob
@@ -119,7 +115,7 @@ def test_graph_shapes_are_caffes(caffe_shapes):
     got = {l.name: [tuple(b.shape) for b in l.blobs] for l in graph.layers if l.blobs}
     assert got == {k: [tuple(s) for s in v] for k, v in ref["params"].items()}
     learnable = sum(_numel(b.shape) for l in graph.layers for b in l.blobs if b.learnable)
-    assert learnable == 25_557_096
+    assert learnable == {50: 25_557_096, 101: 44_549_160, 152: 60_192_808}[depth]
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -320,12 +316,7 @@ def test_committed_specs_build_in_both_phases(path, phase):
     """What `resnetc check` does: graph, splits, shapes (sizes of absent LMDBs stay unknown)."""
     from resnetc.graph import build_graph
 
-    try:
-        graph = build_graph(os.path.join(REPO, path), phase)
-    except ResnetcError as e:
-        if "unknown layer type" in str(e):
-            pytest.skip(f"the layer registry does not have every ResNet layer type yet: {e.message[:80]}")
-        raise
+    graph = build_graph(os.path.join(REPO, path), phase)
     names = [l.name for l in graph.layers]
     assert ("prob" in names) == path.endswith("_deploy.prototxt")
     assert ("accuracy" in names) == (phase == "TEST" and not path.endswith("_deploy.prototxt"))
@@ -345,12 +336,7 @@ def test_a_generated_cifar_resnet_trains():
     # 16x16 inputs keep it fast: the net ends in global pooling, so its layers and parameters are unchanged
     net_param = cifar_resnet(20, phase="train_val", data=DataSource(shape=(4, 3, 16, 16)))
     src = parse_net_text(to_text(net_param), "resnet20_train_val.prototxt")
-    try:
-        net = load_net(src, phase="TRAIN", seed=1)
-    except ResnetcError as e:
-        if "unknown layer type" in str(e) or "no lowering" in str(e):
-            pytest.skip(f"the layer registry cannot run every ResNet layer yet: {e.message[:80]}")
-        raise
+    net = load_net(src, phase="TRAIN", seed=1)
     g = torch.Generator().manual_seed(0)
     data = torch.randn(4, 3, 16, 16, generator=g)
     label = torch.randint(0, 10, (4,), generator=g).float()

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import CaffeLayer
 from .registry import ParamBlob, ShapeError, canonical_axis, constant_filler, count, register
@@ -71,21 +72,24 @@ class BatchNorm(CaffeLayer):
         one_d = x.dim() == 1
         if one_d:
             x = x.unsqueeze(1)
-        view = (1, -1) + (1,) * (x.dim() - 2)
         if self.global_stats:
-            s = self.blobs[2][0]
+            s = self.blobs[2][0].detach()
             factor = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
-            mean = (self.blobs[0].detach() * factor.detach()).reshape(view)
-            var = (self.blobs[1].detach() * factor.detach()).reshape(view)
-            y = (x - mean) / torch.sqrt(var + self.eps)
+            # (x − mean) / sqrt(var + eps) in one fused kernel; the statistics are constants for autograd
+            y = F.batch_norm(x, self.blobs[0].detach() * factor, self.blobs[1].detach() * factor, None, None,
+                             False, 0.0, self.eps)
         else:
             dims = [0] + list(range(2, x.dim()))
-            mean = x.mean(dim=dims, keepdim=True)
-            centred = x - mean
-            var = (centred * centred).mean(dim=dims, keepdim=True)
-            self._update_running(mean, var, x.numel() // x.shape[1])
-            y = centred / torch.sqrt(var + self.eps)
-        if self.blobs[0].requires_grad or self.blobs[1].requires_grad or self.blobs[2].requires_grad:
+            m = x.numel() // x.shape[1]
+            if m > 1:  # torch's training-mode batch_norm normalises with the biased batch variance, as Caffe
+                y = F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
+                var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+            else:  # one value per channel: torch refuses, Caffe gives (x − x)/sqrt(eps) = 0
+                mean = x.mean(dim=dims, keepdim=True)
+                var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
+                y = (x - mean) / torch.sqrt(var + self.eps)
+            self._update_running(mean, var, m)
+        if torch.is_grad_enabled() and any(b.requires_grad for b in self.blobs):
             # force_backward: Caffe gives the statistics a diff, and it is zero (its backward never writes it)
             y = y + 0.0 * (self.blobs[0].sum() + self.blobs[1].sum() + self.blobs[2].sum())
         return y.squeeze(1) if one_d else y

@@ -294,6 +294,7 @@ def test_spec_command_writes_three_files(run_cli, tmp_path):
     assert deploy.layer[-2].name == "fc5"
     solver = (tmp_path / "nets" / "r20_solver.prototxt").read_text()
     assert f'net: "{out}"' in solver and "test_iter" not in solver  # an Input-fed net has no test data
+    assert "iter_size: 64" in solver  # 64 x 2 = the paper's mini-batch of 128
 
 
 @pytest.mark.parametrize("args, message", [

@@ -58,7 +58,8 @@ def resnet_spec_texts(file: str, depth: int, *, cifar: bool = False, num_classes
     deploy = _resnet.resnet(depth, cifar=cifar, phase="deploy", **kw)
     make_solver = _solvers.cifar_solver if cifar else _solvers.imagenet_solver
     with_test = not (data is not None and data.is_input)
-    solver = make_solver(paths.train_val, paths.snapshot_prefix, with_test=with_test)
+    batch = {} if with_test else {"batch": data.shape[0]}
+    solver = make_solver(paths.train_val, paths.snapshot_prefix, with_test=with_test, **batch)
     what = deploy.name
     return {paths.train_val: _header(f"{what} train_val") + to_text(train_val),
             paths.deploy: _header(f"{what} deploy") + to_text(deploy),

@@ -28,6 +28,7 @@ from .lr_policy import check_policy, learning_rate
 from .numfmt import g
 from .progress import ProgressBar
 from .rules import LEGACY_TYPES, rule_class
+from .speed import SpeedOptions
 from .testing import output_loss_weights, test_pass
 
 log = logging.getLogger("resnetc.solver")
@@ -58,6 +59,8 @@ class Solver:
     builds the batch source of each net (default: the data pipelines of its data layers).
     """
 
+    is_root = True  # False on the non-zero ranks of a distributed run (no progress bar there)
+
     def __init__(self, solver, *, net=None, weights=None, device=None, level: Optional[int] = None,
                  stages=None, feed_factory: Optional[FeedFactory] = None, solver_file: Optional[str] = None):
         if isinstance(solver, caffe_pb2.SolverParameter):
@@ -83,6 +86,9 @@ class Solver:
             param.ClearField("weights")
             param.weights.extend(weights if isinstance(weights, (list, tuple)) else [weights])
         self._check()
+        # speed options (amp / channels_last / compile; resnetc.solver.speed): hooks in _make_net,
+        # _forward_backward and step
+        self.speed = SpeedOptions.from_solver(param, self.device, solver_file)
         log.info("Initializing solver from parameters: \n%s", to_text(param))
         self._probe_snapshot_prefix()
         self.seed = param.random_seed if param.random_seed >= 0 else None
@@ -107,6 +113,7 @@ class Solver:
         self._last_finite = None  # (iter, loss)
         self.last_snapshot = None
         self.progress = None
+        self._forward = None  # the train forward callable (speed options), built on first use
         log.info("Solver scaffolding done.")
 
     # -- construction -------------------------------------------------------------------------------------
@@ -170,6 +177,7 @@ class Solver:
                 graph = build_graph(src, phase, state=state, input_shapes=shapes)
         net = CaffeNet(graph, seed=self.seed)
         net.to(self.device)
+        self.speed.prepare_net(net)  # speed hook: channels_last weights
         return net, feed
 
     @staticmethod
@@ -289,7 +297,7 @@ class Solver:
             log.info("Restoring previous solver status from %s", resume)
             self.restore(resume)
         start_iter = self.iter
-        self.progress = ProgressBar.maybe(p.max_iter, self.iter)
+        self.progress = ProgressBar.maybe(p.max_iter, self.iter) if self.is_root else None
         try:
             if self.progress:
                 with self.progress:
@@ -340,7 +348,8 @@ class Solver:
                 timer = time.perf_counter()
                 last_display = self.iter
                 self._log_train_outputs()
-            self.apply_update(display)
+            # speed hook: with fp16 loss scaling, unscale first; an update with inf/NaN gradients is skipped
+            self.speed.update(lambda: self.apply_update(display), self._active)
             self.iter += 1
             if self.progress is not None:
                 self.progress.update(self.iter, self._smoothed)
@@ -351,11 +360,18 @@ class Solver:
         for _, _, prm, _, _ in self._learnable:
             prm.grad = None
 
+    def _train_forward(self, batch: dict) -> dict:
+        """Hook: the train forward (speed options here; DDP in resnetc.solver.distributed)."""
+        if self._forward is None:
+            self._forward = self.speed.forward_fn(self.net)
+        with self.speed.autocast():
+            return self._forward(**self.speed.inputs(batch))
+
     def _forward_backward(self) -> float:
-        outs = self.net(**self.train_feed())
+        outs = self._train_forward(self.train_feed())
         loss = self.net.total_loss()
         if loss.requires_grad:
-            loss.backward()
+            self.speed.backward(loss)  # speed hook: fp16 loss scaling
         self._last_outputs = outs
         return loss.item()
 

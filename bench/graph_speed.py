@@ -16,6 +16,9 @@ DEFAULTS = [os.path.join(os.path.dirname(REPO), "shared", "corpus", "kaiminghe-r
 
 def main():
     path = sys.argv[1] if len(sys.argv) > 1 else next(p for p in DEFAULTS if os.path.exists(p))
+    import logging
+
+    logging.getLogger("resnetc").setLevel(logging.ERROR)  # the legacy input-field upgrade warns on every read
     t0 = time.perf_counter()
     from resnetc.graph import build_graph
     from resnetc.prototxt import read_net

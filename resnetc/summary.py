@@ -5,6 +5,9 @@ import dataclasses
 
 from .graph import LayerGraph
 
+# layers whose cost is multiply-adds of weights with activations: the conventional "MACs" of a network
+MAC_TYPES = frozenset({"Convolution", "Deconvolution", "InnerProduct", "RNN", "LSTM", "Im2col"})
+
 
 def fmt_shape(shape) -> str:
     if shape is None:
@@ -37,7 +40,8 @@ class Summary:
     learnable: int
     stats: int
     stats_layers: int
-    macs: int
+    macs: int  # over MAC_TYPES layers
+    other_ops: int  # per-element arithmetic of the other layers (BatchNorm, Scale, Pooling, ...)
     complete: bool  # every size known
 
     def format(self) -> str:
@@ -57,13 +61,15 @@ class Summary:
         lines.append(f"learnable parameters: {self.learnable:,}{q}")
         if self.stats:
             lines.append(f"BatchNorm statistics (not learnable): {self.stats:,} values in {self.stats_layers} layers")
-        lines.append(f"multiply-adds per forward: {self.macs:,}{q}")
+        lines.append(f"multiply-adds per forward (Convolution, Deconvolution, InnerProduct, RNN/LSTM): {self.macs:,}{q}")
+        if self.other_ops:
+            lines.append(f"other arithmetic per forward (normalisation, pooling, ...): {self.other_ops:,} operations")
         return "\n".join(lines)
 
 
 def summarize(graph: LayerGraph) -> Summary:
     rows = []
-    learnable = stats = macs = 0
+    learnable = stats = macs = other = 0
     stats_layers = 0
     complete = True
     for layer in graph.layers:
@@ -90,8 +96,11 @@ def summarize(graph: LayerGraph) -> Summary:
             m = 0
         elif known:
             m = int(layer.spec.flops(layer, [tuple(b) for b in layer.bottom_shapes], [tuple(t) for t in layer.top_shapes]))
-            macs += m
+            if layer.type in MAC_TYPES:
+                macs += m
+            else:
+                other += m
         else:
             complete = False
         rows.append(Row(layer.name, layer.type, tops, p, s, m))
-    return Summary(rows, learnable, stats, stats_layers, macs, complete)
+    return Summary(rows, learnable, stats, stats_layers, macs, other, complete)

@@ -309,6 +309,20 @@ def _toy_loss(w, data, label):
     return float(F.cross_entropy(score, torch.from_numpy(label).long()))
 
 
+def test_net_with_data_layers_reads_batches(toy_solver_dir):
+    """caffe.Net on a train_val net: each forward() reads the next batch of its Data layer, as in Caffe."""
+    net = caffe.Net("toy.prototxt", caffe.TEST)
+    assert net.inputs == [] and net.outputs == ["accuracy", "loss"]
+    out = net.forward()
+    assert set(out) == {"accuracy", "loss"} and net.blobs["data"].data.shape == (32, 1, 8, 8)
+    np.testing.assert_array_equal(net.blobs["label"].data, np.arange(32) % 2)
+    first = net.blobs["data"].data.copy()
+    net.forward()
+    assert not np.array_equal(net.blobs["data"].data, first)  # records 32..63
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data, first)  # wrapped around
+
+
 def test_solver_types_and_input_blobs(toy_solver_dir):
     """caffe.AdamSolver(file) is Adam whatever the file says; get_solver follows the file; a train net with Input
     layers trains on what the script writes into its input blobs."""

@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from resnetc.compat import caffe
 
@@ -47,13 +48,17 @@ FULLY_CONV_LENET = """name: "LeNetFullConv"
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 1 dim: 1 dim: 36 dim: 36 } } }
 layer { name: "conv1" type: "Convolution" bottom: "data" top: "conv1"
   convolution_param { num_output: 20 kernel_size: 5 stride: 1 } }
-layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "pool1" type: "Pooling" bottom: "conv1" top: "pool1"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
 layer { name: "conv2" type: "Convolution" bottom: "pool1" top: "conv2"
   convolution_param { num_output: 50 kernel_size: 5 stride: 1 } }
-layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
-layer { name: "ip1-conv" type: "Convolution" bottom: "pool2" top: "ip1-conv" convolution_param { num_output: 500 kernel_size: 4 } }
+layer { name: "pool2" type: "Pooling" bottom: "conv2" top: "pool2"
+  pooling_param { pool: MAX kernel_size: 2 stride: 2 } }
+layer { name: "ip1-conv" type: "Convolution" bottom: "pool2" top: "ip1-conv"
+  convolution_param { num_output: 500 kernel_size: 4 } }
 layer { name: "relu1" type: "ReLU" bottom: "ip1-conv" top: "ip1-conv" }
-layer { name: "ip2-conv" type: "Convolution" bottom: "ip1-conv" top: "ip2-conv" convolution_param { num_output: 10 kernel_size: 1 } }
+layer { name: "ip2-conv" type: "Convolution" bottom: "ip1-conv" top: "ip2-conv"
+  convolution_param { num_output: 10 kernel_size: 1 } }
 layer { name: "prob" type: "Softmax" bottom: "ip2-conv" top: "prob" }
 """
 
@@ -164,8 +169,6 @@ def test_classification_flow(corpus, tmp_path):
     assert output["prob"].shape == (2, 10)
     np.testing.assert_array_equal(output["prob"][0], output["prob"][1])
     ref = resnetc.load_net(model, weights=weights)
-    import torch
-
     with torch.no_grad():
         ref_prob = ref(data=torch.from_numpy(expected_in[None].copy()))["prob"][0].numpy()
     np.testing.assert_allclose(output_prob, ref_prob, rtol=1e-4, atol=1e-6)
@@ -299,7 +302,6 @@ def test_solver_stepping_flow(toy_solver_dir):
 
 def _toy_loss(w, data, label):
     """TOY_NET's loss with numpy/torch from scratch."""
-    import torch
     import torch.nn.functional as F
 
     x = torch.from_numpy(data)
@@ -389,7 +391,7 @@ def test_unsupported_calls_name_the_closest_supported(oracle):
         caffe.Net(os.path.join(oracle, "lenet", "lenet_ref.prototxt"))
 
 
-# ---- helpers ----------------------------------------------------------------------------------------------------------
+# ---- helpers -----------------------------------------------------------------------------------------------
 
 
 def _write(path, text):

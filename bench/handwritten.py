@@ -15,14 +15,15 @@ import torch.nn.functional as F
 class Bottleneck(nn.Module):
     def __init__(self, cin, mid, cout, stride, project):
         super().__init__()
+        # definition order = Caffe's layer order (the projection branch1 comes first), for copy_from_caffenet
+        self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if project else None
+        self.bn_p = nn.BatchNorm2d(cout, eps=1e-5) if project else None
         self.conv_a = nn.Conv2d(cin, mid, 1, stride, bias=False)
         self.bn_a = nn.BatchNorm2d(mid, eps=1e-5)
         self.conv_b = nn.Conv2d(mid, mid, 3, 1, 1, bias=False)
         self.bn_b = nn.BatchNorm2d(mid, eps=1e-5)
         self.conv_c = nn.Conv2d(mid, cout, 1, 1, bias=False)
         self.bn_c = nn.BatchNorm2d(cout, eps=1e-5)
-        self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if project else None
-        self.bn_p = nn.BatchNorm2d(cout, eps=1e-5) if project else None
 
     def forward(self, x):
         y = F.relu(self.bn_a(self.conv_a(x)))
@@ -57,13 +58,13 @@ class ResNet50Caffe(nn.Module):
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
+        project = stride != 1 or cin != cout
+        self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if project else None
+        self.bn_p = nn.BatchNorm2d(cout) if project else None
         self.conv_a = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn_a = nn.BatchNorm2d(cout)
         self.conv_b = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn_b = nn.BatchNorm2d(cout)
-        project = stride != 1 or cin != cout
-        self.proj = nn.Conv2d(cin, cout, 1, stride, bias=False) if project else None
-        self.bn_p = nn.BatchNorm2d(cout) if project else None
 
     def forward(self, x):
         y = F.relu(self.bn_a(self.conv_a(x)))

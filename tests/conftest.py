@@ -62,11 +62,13 @@ def oracle():
 
 
 def resnetc_cmd() -> list:
-    """The installed console script (as a user runs it); falls back to `python -m resnetc.cli`."""
-    exe = shutil.which("resnetc")
-    if exe:
+    """The console script installed beside this interpreter (as a user runs it); else `python -m resnetc`.
+
+    A ``resnetc`` elsewhere on PATH may belong to another environment, so it is not used."""
+    exe = os.path.join(os.path.dirname(sys.executable), "resnetc")
+    if os.path.exists(exe):
         return [exe]
-    return [sys.executable, "-m", "resnetc.cli"]
+    return [sys.executable, "-m", "resnetc"]
 
 
 @pytest.fixture

@@ -67,7 +67,16 @@ def _add_log_file(path):
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also write the log to FILE.")
 @click.option("--level", type=int, default=0, show_default=True, help="Net state level of the train net.")
 @click.option("--stage", help="Comma-separated net state stages of the train net.")
-def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level, stage):
+# -- multi-process training and speed options (resnetc.distributed, resnetc.solver.speed) --
+@click.option("--nproc", type=int, help="Train with N CPU processes (gloo); each reads batch_size images.")
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), help="Autocast the train forward (fp16 adds "
+              "loss scaling); overrides the solver's resnetc.amp.")
+@click.option("--channels-last", "channels_last", is_flag=True, default=None, help="NHWC weights and inputs.")
+@click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the train forward.")
+@click.option("--dist-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds a process waits for the others in a collective before giving up.")
+def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level, stage, nproc, amp, channels_last,
+              compile_, dist_timeout):
     """Train a net with Caffe's solver semantics: resnetc train [NET] SOLVER."""
     from ..prototxt import read_solver
     from ..solver import Solver
@@ -95,15 +104,67 @@ def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level
         param.max_iter = max_iter
     if resume:
         param.ClearField("weights")
-    device = resolve_device(gpu, param)
-    solver = Solver(param, solver_file=solver_path, net=net, weights=_split(weights) if weights else None,
-                    device=device, level=level, stages=_split(stage))
+    _speed_flags(param, amp, channels_last, compile_)
+    # -- multi-process: start the ranks here (--nproc / several --gpu ids), or be one (launched / torchrun) --
+    from .. import distributed as dist_
+
+    rank_env = dist_.RankEnv.from_environ()
+    if rank_env is None:
+        world = _world_size(nproc, gpu)
+        if world > 1:
+            dist_.launch(world, snapshot_prefix=param.snapshot_prefix)
+            return
+        device = resolve_device(gpu, param)
+    else:
+        device = dist_.rank_device(rank_env, gpu)
+        dist_.init_process_group(rank_env, device, timeout=dist_timeout)
+    kw = dict(solver_file=solver_path, net=net, weights=_split(weights) if weights else None, device=device,
+              level=level, stages=_split(stage))
+    if rank_env is None:
+        solver = Solver(param, **kw)
+    else:
+        from ..solver.distributed import DistributedSolver
+
+        solver = DistributedSolver(param, env=rank_env, **kw)
     try:
         log.info("Starting Optimization")
-        solver.solve(resume)
+        with dist_.collective_errors(rank_env, "training"):
+            solver.solve(resume)
         log.info("Optimization Done.")
+        if rank_env is not None:
+            dist_.finish(rank_env)
     finally:
         solver.close()
+        if rank_env is not None:
+            dist_.destroy_process_group()
+
+
+def _speed_flags(param, amp, channels_last, compile_):
+    """CLI speed flags override the solver's ``resnetc`` extension fields."""
+    if amp is not None:
+        param.resnetc.amp = "" if amp == "off" else amp
+    if channels_last is not None:
+        param.resnetc.channels_last = channels_last
+    if compile_ is not None:
+        param.resnetc.compile = compile_
+
+
+def _world_size(nproc, gpu) -> int:
+    """Processes to start on this machine: --nproc N (CPU), or one per --gpu id when CUDA is present."""
+    import torch
+
+    from ..distributed import gpu_ids
+
+    if nproc is not None:
+        if nproc < 1:
+            raise ResnetcError(f"--nproc must be >= 1 (got {nproc})")
+        if gpu_ids(gpu):
+            raise ResnetcError("give --gpu IDS (one process per GPU) or --nproc N (CPU processes), not both")
+        return nproc
+    ids = gpu_ids(gpu)
+    if ids is not None and len(ids) > 1 and torch.cuda.is_available():
+        return len(ids)
+    return 1
 
 
 @click.command("test")

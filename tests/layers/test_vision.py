@@ -506,3 +506,40 @@ def test_onnx_export_matches(small_net, tmp_path):
     torch.onnx.export(Wrap(small_net), (x,), path, input_names=["data"], output_names=["ip"], dynamo=False)
     got = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"data": x.numpy()})[0]
     np.testing.assert_allclose(got, small_net(data=x)["ip"].detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+NET2 = """
+name: "vision_export_2"
+layer { name: "in" type: "Input" top: "data" input_param { shape { dim: 2 dim: 3 dim: 9 dim: 10 } } }
+layer { name: "pool" type: "Pooling" bottom: "data" top: "pool" top: "mask"
+        pooling_param { pool: MAX kernel_size: 3 stride: 2 pad: 2 } }
+layer { name: "sto" type: "Pooling" bottom: "data" top: "sto" pooling_param { pool: STOCHASTIC kernel_size: 2 stride: 3 } }
+layer { name: "spp" type: "SPP" bottom: "data" top: "spp" spp_param { pyramid_height: 2 pool: AVE } }
+layer { name: "mvn" type: "MVN" bottom: "pool" top: "mvn" }
+layer { name: "i2c" type: "Im2col" bottom: "data" top: "i2c" convolution_param { kernel_size: 2 } }
+"""
+
+
+def test_onnx_export_more_layers(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "net.prototxt"
+    path.write_text(NET2)
+    net = resnetc.load_net(str(path)).eval()
+    names = ["mask", "mvn", "spp", "sto", "i2c"]
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, data):
+            out = self.net(data=data)
+            return tuple(out[n] for n in names)
+
+    x = torch.rand(2, 3, 9, 10) + 0.1
+    onnx_path = str(tmp_path / "v2.onnx")
+    torch.onnx.export(Wrap(), (x,), onnx_path, input_names=["data"], output_names=names, dynamo=False)
+    got = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"]).run(None, {"data": x.numpy()})
+    ref = net(data=x)
+    for n, g in zip(names, got):
+        np.testing.assert_allclose(g, ref[n].numpy(), rtol=1e-4, atol=1e-5, err_msg=n)

@@ -236,5 +236,31 @@ def test_digits(tmp_path, run_cli):
     labs = [d.label for _, d in read_db(tmp_path / "d2" / "digits_train_lmdb")]
     assert sorted(set(labs)) == [0, 1, 2, 3, 4]
     assert len(labs) == int(((labels >= 5) & (idx % 5 != 0)).sum())
+    assert (tmp_path / "d2" / "labels.txt").read_text() == "5\n6\n7\n8\n9\n"
+    assert (tmp_path / "d" / "labels.txt").read_text() == "".join(f"{d}\n" for d in range(10))
     r = run_cli("data", "digits", "--classes", "3-12", tmp_path / "d3")
     assert r.returncode == 2 and "within 0-9" in r.stderr
+    assert not (tmp_path / "d3").exists()
+
+
+def test_digits_class_subsets(tmp_path, run_cli):
+    """--classes 1,3,7-8 --relabel: labels 0..3 in digit order, the images of exactly those digits, named in
+    labels.txt; without --relabel the digit stays the label."""
+    from resnetc.data.digits import load_digits
+
+    images, labels = load_digits()
+    idx = np.arange(1797)
+    r = run_cli("data", "digits", "--classes", "8,1,3,7-8", "--relabel", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "s" / "labels.txt").read_text().split() == ["1", "3", "7", "8"]
+    recs = read_db(tmp_path / "s" / "digits_test_lmdb")
+    sel = np.isin(labels, [1, 3, 7, 8]) & (idx % 5 == 0)
+    digit_of = {0: 1, 1: 3, 2: 7, 3: 8}
+    assert [digit_of[d.label] for _, d in recs] == labels[sel].tolist()
+    want = (images[sel].astype(np.int64) * 255 + 8) // 16
+    np.testing.assert_array_equal(np.stack([datum_to_array(d, "", k)[0] for k, d in recs]), want)
+    r = run_cli("data", "digits", "--classes", "7-8", tmp_path / "k")
+    assert r.returncode == 0, r.stderr
+    assert sorted({d.label for _, d in read_db(tmp_path / "k" / "digits_train_lmdb")}) == [7, 8]
+    r = run_cli("data", "digits", "--classes", "a-b", tmp_path / "bad")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "expected digits and ranges" in r.stderr

@@ -86,15 +86,23 @@ def mnist_cmd(src, out_dir):
 @data_group.command("digits")
 @click.argument("out_dir", metavar="DIR")
 @click.option("--classes", default="", help="Keep only these digits, e.g. 0-4 or 1,3,5-7 (default: all).")
-@click.option("--relabel", is_flag=True, help="Number the kept digits 0..k-1 (default: keep the digit as label).")
+@click.option("--relabel", is_flag=True, help="Number the kept digits 0..k-1 (default: keep the digit as label); "
+              "DIR/labels.txt names the digit of each label.")
 @click.option("--size", type=int, default=8, show_default=True, help="Resize the 8x8 images (bilinear) to SIZExSIZE.")
 def digits_cmd(out_dir, classes, relabel, size):
     """The UCI handwritten digits shipped with resnetc (1,797 8x8 images, CC BY 4.0) -> DIR/digits_{train,test}_lmdb
-    (1,437 / 360 images: every 5th image is test) + DIR/mean.binaryproto."""
+    (1,437 / 360 images: every 5th image is test) + DIR/mean.binaryproto + DIR/labels.txt (line i: the digit of
+    label i).
+
+    \b
+    Two class splits for fine-tuning (pretrain on 0-4, fine-tune on 5-9, both labelled 0..4):
+      resnetc data digits --classes 0-4 --relabel --size 16 d04
+      resnetc data digits --classes 5-9 --relabel --size 16 d59"""
     from ..data.digits import write_digits
 
     counts = write_digits(out_dir, classes or None, relabel, size)
-    click.echo(f"{out_dir}: digits_train_lmdb {counts['train']}, digits_test_lmdb {counts['test']}, mean.binaryproto")
+    click.echo(f"{out_dir}: digits_train_lmdb {counts['train']}, digits_test_lmdb {counts['test']}, mean.binaryproto, "
+               f"labels.txt")
 
 
 COMMANDS = [convert_imageset_cmd, compute_image_mean_cmd, data_group]

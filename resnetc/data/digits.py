@@ -3,7 +3,9 @@ the ``resnetc data digits`` conversion to train/test LMDBs + a mean file.
 
 Split (deterministic, no RNG): image ``i`` of the original order goes to test when ``i % 5 == 0`` (360
 images), else to train (1,437). ``classes`` keeps only some digits (e.g. 0-4 and 5-9 for fine-tuning between
-class splits); ``relabel`` maps the kept digits to 0..k-1 in increasing order.
+class splits); ``relabel`` maps the kept digits to 0..k-1 in increasing order. ``labels.txt`` beside the LMDBs
+names the class of each label, one line per label value (Caffe's ``synset_words.txt`` convention): the kept
+digits in order with ``relabel``, else the ten digits (the label is the digit itself).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 
 import numpy as np
 
+from ..atomic import write_text
 from ..errors import ResnetcError
 from .datum import array_to_datum
 from .db import write_db
@@ -76,12 +79,20 @@ def split_arrays(classes=None, relabel: bool = False, size: int = 8) -> dict:
     return out
 
 
+def label_names(classes=None, relabel: bool = False) -> list:
+    """Line ``i`` of ``labels.txt``: the digit that label ``i`` stands for."""
+    keep = parse_classes(classes) if isinstance(classes, (str, type(None))) else sorted(classes)
+    return [str(d) for d in (keep if relabel else range(10))]
+
+
 def write_digits(out_dir: str, classes=None, relabel: bool = False, size: int = 8) -> dict:
-    """Write ``digits_train_lmdb``, ``digits_test_lmdb`` (keys ``%08d``) and ``mean.binaryproto`` (of train)."""
+    """Write ``digits_train_lmdb``, ``digits_test_lmdb`` (keys ``%08d``), ``mean.binaryproto`` (of train) and
+    ``labels.txt`` (the digit of each label value)."""
     if size < 1:
         raise ResnetcError(f"--size must be >= 1 (got {size})")
-    os.makedirs(out_dir, exist_ok=True)
+    names = label_names(classes, relabel)
     parts = split_arrays(classes, relabel, size)
+    os.makedirs(out_dir, exist_ok=True)
     counts = {}
     for name, (x, y) in parts.items():
         path = os.path.join(out_dir, f"digits_{name}_lmdb")
@@ -92,4 +103,5 @@ def write_digits(out_dir: str, classes=None, relabel: bool = False, size: int = 
         log.info("%s: %d images", path, len(x))
     write_mean(os.path.join(out_dir, "mean.binaryproto"),
                compute_image_mean(os.path.join(out_dir, "digits_train_lmdb")))
+    write_text(os.path.join(out_dir, "labels.txt"), "".join(n + "\n" for n in names))
     return counts

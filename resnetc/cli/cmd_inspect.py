@@ -74,12 +74,14 @@ def check_cmd(net, phase, level, stages, input_shapes):
     src = read_net(net)
     phases = ["TRAIN", "TEST"] if phase.lower() == "both" else [phase.upper()]
     shapes = parse_input_shapes(input_shapes)
+    report = []  # printed once every phase built, so that a rejection is the error line alone
     for ph in phases:
         graph = build_graph(src, ph, level=level, stages=_stages(stages), input_shapes=shapes)
-        for note in _unknown_notes(graph):
-            click.echo(note)
+        report.extend(n for n in _unknown_notes(graph) if n not in report)
         outs = ", ".join(f"{o} {_fmt(graph.shape(o))}" for o in graph.outputs)
-        click.echo(f"{net}: {ph}: {len(graph.layers)} layers; outputs: {outs or '(none)'}")
+        report.append(f"{net}: {ph}: {len(graph.layers)} layers; outputs: {outs or '(none)'}")
+    for line in report:
+        click.echo(line)
     click.echo(f"{net}: OK")
 
 

@@ -1,0 +1,42 @@
+"""The README's main job: the shipped UCI digits → LMDB → ResNet-20 (specs/digits) trains and is scored,
+through the same commands the README gives (fewer iterations here; the README run takes minutes)."""
+import os
+import re
+import shutil
+
+from conftest import REPO
+
+
+def _readme_block(tag):
+    text = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    m = re.search(r"<!-- %s -->\s*```[a-z]*\n(.*?)```" % tag, text, re.S)
+    assert m, f"README has no {tag} block"
+    return m.group(1).strip()
+
+
+def test_readme_main_command_is_the_digits_job():
+    cmd = _readme_block("main-command")
+    assert "resnetc data digits data/digits --size 16" in cmd
+    assert "resnetc train specs/digits/resnet20_solver.prototxt" in cmd
+    for part in re.findall(r"specs/\S+\.prototxt", cmd):
+        assert os.path.exists(os.path.join(REPO, part)), part
+
+
+def test_digits_resnet20_trains_and_scores(tmp_path, run_cli):
+    shutil.copytree(os.path.join(REPO, "specs", "digits"), tmp_path / "specs" / "digits")
+    r = run_cli("data", "digits", "data/digits", "--size", "16", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "specs/digits/resnet20_solver.prototxt", "--max-iter", "30", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [float(x) for x in re.findall(r"Iteration \d+ \([^)]*\), loss = (\S+)", r.stderr)]
+    assert len(losses) >= 1
+    first = float(re.search(r"Iteration 0 \([^)]*\), loss = (\S+)", r.stderr).group(1))
+    last = float(re.findall(r"Train net output #0: loss = (\S+)", r.stderr)[-1])
+    assert first > 2.0 and last < 0.7 * first, (first, last)  # ln(10) = 2.3 at the start; it learns
+    snap = tmp_path / "data" / "digits" / "resnet20_iter_30.caffemodel"
+    assert snap.exists()
+    r = run_cli("test", "specs/digits/resnet20.prototxt", "--weights", snap, "--iterations", "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    acc = float(re.search(r"accuracy = (\S+)", r.stderr.split("Loss:")[-1] if "Loss:" in r.stderr else
+                          r.stderr.splitlines()[-2] + r.stderr).group(1))
+    assert 0.0 <= acc <= 1.0

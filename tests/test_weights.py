@@ -63,6 +63,26 @@ def test_real_weights_reproduce_caffe(corpus, oracle, proto, model):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"{model} output {k}")
 
 
+@pytest.mark.parametrize("proto,model", REAL, ids=[w.split("/")[-1] for _, w in REAL])
+def test_real_weights_match_opencv(corpus, oracle, proto, model):
+    """OpenCV's Caffe importer is an implementation independent of ours and of the oracle's."""
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2.dnn, "readNetFromCaffe"):
+        pytest.skip(f"OpenCV {cv2.__version__} has no Caffe importer (removed in 5.0; the test extra pins <5)")
+    ins = json.load(open(os.path.join(oracle, "real_weights", "outputs.json")))[proto]["ins"]
+    x = {k: np.array(v, dtype=np.float32) for k, v in ins.items()}
+    ref_net = cv2.dnn.readNetFromCaffe(os.path.join(corpus, proto), os.path.join(corpus, model))
+    net = resnetc.load_net(os.path.join(corpus, proto), weights=os.path.join(corpus, model))
+    with torch.no_grad():
+        outs = net(**{k: torch.from_numpy(v) for k, v in x.items()})
+    for k, v in x.items():
+        ref_net.setInput(v, k)
+    names = sorted(outs)
+    for name, want in zip(names, ref_net.forward(names)):
+        got = outs[name].numpy()
+        np.testing.assert_allclose(got.reshape(want.shape), want, rtol=1e-4, atol=1e-5, err_msg=f"{model} {name}")
+
+
 def test_legacy_v1_caffemodel_matches_opencv(corpus):
     cv2 = pytest.importorskip("cv2")
     proto, model = (os.path.join(corpus, p) for p in CIFAR_QUICK)

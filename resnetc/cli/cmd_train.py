@@ -67,6 +67,9 @@ def _add_log_file(path):
 @click.option("--log", "log_file", type=click.Path(dir_okay=False), help="Also write the log to FILE.")
 @click.option("--level", type=int, default=0, show_default=True, help="Net state level of the train net.")
 @click.option("--stage", help="Comma-separated net state stages of the train net.")
+@click.option("--early-stop", "early_stop", metavar="OUTPUT:PATIENCE[:min|max]",
+              help="Stop when test net 0's OUTPUT (e.g. accuracy:5, loss:3:min) has not improved for PATIENCE "
+                   "test passes; overrides the solver's resnetc.early_stop_*.")
 # -- multi-process training and speed options (resnetc.distributed, resnetc.solver.speed) --
 @click.option("--nproc", type=int, help="Train with N CPU processes (gloo); each reads batch_size images.")
 @click.option("--amp", type=click.Choice(["bf16", "fp16", "off"]), help="Autocast the train forward (fp16 adds "
@@ -75,12 +78,10 @@ def _add_log_file(path):
 @click.option("--compile", "compile_", is_flag=True, default=None, help="torch.compile the train forward.")
 @click.option("--dist-timeout", type=float, default=120.0, show_default=True,
               help="Seconds a process waits for the others in a collective before giving up.")
-def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level, stage, nproc, amp, channels_last,
-              compile_, dist_timeout):
+def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level, stage, early_stop, nproc, amp,
+              channels_last, compile_, dist_timeout):
     """Train a net with Caffe's solver semantics: resnetc train [NET] SOLVER."""
     from ..prototxt import read_solver
-    from ..solver import Solver
-    from ..solver.core import default_snapshot_prefix
 
     files = list(files)
     if solver_opt:
@@ -95,14 +96,23 @@ def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level
         raise ResnetcError("usage: resnetc train [NET] SOLVER (a solver prototxt is required)")
     if resume and weights:
         raise ResnetcError("give either --snapshot (resume) or --weights (fine-tune), not both")
+    if resume and not os.path.exists(resume):
+        raise ResnetcError("no such solver state file (--snapshot)", file=resume)
     _add_log_file(log_file)
     param = read_solver(solver_path)
+    if early_stop is not None:  # checked before torch is imported: a typo fails at once
+        _early_stop_flag(param, early_stop)
+
+    from ..solver import Solver
+    from ..solver.core import default_snapshot_prefix
+
     default_snapshot_prefix(param, solver_path)
     if max_iter is not None:
         if max_iter < 0:
             raise ResnetcError(f"--iterations must be >= 0 (got {max_iter})")
         param.max_iter = max_iter
     if resume:
+        log.info("Resuming from %s", resume)
         param.ClearField("weights")
     _speed_flags(param, amp, channels_last, compile_)
     # -- multi-process: start the ranks here (--nproc / several --gpu ids), or be one (launched / torchrun) --
@@ -137,6 +147,26 @@ def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level
         solver.close()
         if rank_env is not None:
             dist_.destroy_process_group()
+
+
+def _early_stop_flag(param, value: str) -> None:
+    """``--early-stop OUTPUT:PATIENCE[:min|max]`` -> the solver's ``resnetc.early_stop_*`` fields."""
+    parts = value.split(":")
+    usage = f"--early-stop: expected OUTPUT:PATIENCE[:min|max], e.g. accuracy:5 or loss:3:min, got '{value}'"
+    if len(parts) not in (2, 3) or not parts[0].strip():
+        raise ResnetcError(usage)
+    try:
+        patience = int(parts[1])
+    except ValueError:
+        raise ResnetcError(usage) from None
+    if patience <= 0:
+        raise ResnetcError(f"--early-stop: PATIENCE must be > 0, got {patience}")
+    mode = parts[2].strip().lower() if len(parts) == 3 else "max"
+    if mode not in ("max", "min"):
+        raise ResnetcError(f"--early-stop: the mode must be min or max, got '{parts[2]}'")
+    param.resnetc.early_stop_output = parts[0].strip()
+    param.resnetc.early_stop_patience = patience
+    param.resnetc.early_stop_mode = mode
 
 
 def _speed_flags(param, amp, channels_last, compile_):

@@ -5,7 +5,9 @@ Per iteration, in Caffe's order: zero the param diffs; test if due; ``iter_size`
 → ÷ iter_size → L2/L1 decay × decay_mult → the type's rule with rate × lr_mult → ``w -= step``);
 ``iter += 1``; snapshot if due. ``solve()`` adds the final snapshot, the extra forward after the last update
 and the final test. Params with ``lr_mult: 0`` and BatchNorm statistics are never touched (their Caffe
-update is exactly zero), so frozen weights stay bit-identical.
+update is exactly zero), so frozen weights stay bit-identical. Early stopping (``resnetc.early_stop_*``, not
+in Caffe; ``early_stop.py``) ends the loop at a test pass the way Caffe's SIGINT stop does: the snapshot of
+``snapshot_after_train``, "Optimization stopped early.", no extra forward and no final test.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..graph import build_graph
 from ..proto import caffe_pb2
 from ..prototxt import NetSource, read_net, read_solver, to_text
 from . import state as _state
+from .early_stop import EarlyStopping
 from .feeds import pipeline_feed
 from .lr_policy import check_policy, learning_rate
 from .numfmt import g
@@ -114,6 +117,9 @@ class Solver:
         self.last_snapshot = None
         self.progress = None
         self._forward = None  # the train forward callable (speed options), built on first use
+        # early stopping on test net 0's output (resnetc.early_stop_*); None when off
+        self.early_stop = EarlyStopping.from_solver(param, self.file, self._test_output_names())
+        self.stopped_early = False
         log.info("Solver scaffolding done.")
 
     # -- construction -------------------------------------------------------------------------------------
@@ -245,6 +251,10 @@ class Solver:
             feeds.append(feed)
         return nets, feeds, list(p.test_iter)
 
+    def _test_output_names(self):
+        """Output blob names of test net 0 (None where this process builds no test nets)."""
+        return self.test_nets[0].outputs if self.test_nets else None
+
     def _active_params(self) -> list:
         """(history index, param, local lr factor, local decay) of the params the update can change."""
         decay = f32(self.param.weight_decay)
@@ -297,6 +307,7 @@ class Solver:
             log.info("Restoring previous solver status from %s", resume)
             self.restore(resume)
         start_iter = self.iter
+        self.stopped_early = False
         self.progress = ProgressBar.maybe(p.max_iter, self.iter) if self.is_root else None
         try:
             if self.progress:
@@ -308,6 +319,9 @@ class Solver:
             self.progress = None
         if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
             self.snapshot()
+        if self.stopped_early:
+            log.info("Optimization stopped early.")
+            return
         if p.display and self.iter % p.display == 0:
             with torch.no_grad():
                 self.net(**self.train_feed())
@@ -330,7 +344,10 @@ class Solver:
         while self.iter < stop:
             self._zero_grads()
             if p.test_interval and self.iter % p.test_interval == 0 and (self.iter > 0 or p.test_initialization):
-                self.test_all()
+                results = self.test_all()
+                if self.early_stop is not None and self._early_stop_due(results):
+                    self.stopped_early = True
+                    break
             display = bool(p.display) and self.iter % p.display == 0
             loss = f32(0)
             for _ in range(iter_size):
@@ -449,6 +466,10 @@ class Solver:
         return None
 
     # -- testing ------------------------------------------------------------------------------------------
+    def _early_stop_due(self, results: list) -> bool:
+        """After a test pass: feed test net 0's results to the early-stopping rule; True to stop now."""
+        return bool(results) and self.early_stop.update(results[0], self.iter, log)
+
     def test_all(self) -> list:
         return [self.test(k) for k in range(len(self.test_nets))]
 

@@ -142,6 +142,16 @@ class DistributedSolver(Solver):
         self._wait_for_root("test")
         return results
 
+    def _early_stop_due(self, results: list) -> bool:
+        """Rank 0 decides from its test pass; every rank gets the decision, so all leave the loop together."""
+        import torch.distributed as dist
+
+        stop = super()._early_stop_due(results) if self.is_root else False
+        with collective_errors(self.env, f"sharing the early-stopping decision at iteration {self.iter}"):
+            flag = torch.tensor([int(stop)], dtype=torch.int64, device=self.device)
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
+
     def snapshot(self) -> Optional[str]:
         path = super().snapshot() if self.is_root else None
         self._wait_for_root("snapshot")

@@ -54,27 +54,52 @@ def choose_providers(device: Optional[str] = None) -> list:
     return providers
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask; a container's limit shows there)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 class InferenceSession:
     """An onnxruntime session over an exported model: ``session(data=array) -> {output name: array}``.
 
-    Providers: CUDA then CPU (``device='cpu'`` forces CPU). On CUDA, inputs and outputs go through IO binding so
-    repeated calls avoid host copies of the outputs until they are read.
+    Inputs and outputs are named as the Caffe blobs (``session.inputs``, ``session.outputs``). Providers: CUDA then
+    CPU when onnxruntime-gpu is installed (``device='cpu'`` forces CPU). On CUDA, inputs and outputs go through IO
+    binding. CPU defaults (see bench/inference.py): every graph optimisation (onnxruntime fuses BatchNorm, Scale,
+    bias and ReLU into its own NCHWc convolutions, so an exported net runs the same with or without ``fold_bn``),
+    one intra-op thread per usable core, and worker threads that sleep instead of spinning between operators
+    (``spinning=False``): on a machine that other processes share, spinning threads lose their time slices and
+    the run slows down by up to 2x; on a machine of its own, ``spinning=True`` gains a little latency.
     """
 
-    def __init__(self, path: str, *, device: Optional[str] = None, threads: Optional[int] = None):
+    def __init__(self, path: str, *, device: Optional[str] = None, threads: Optional[int] = None,
+                 spinning: bool = False, optimization: str = "all"):
         ort = onnxruntime_module()
+        levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if optimization not in levels:
+            raise ResnetcError(f"unknown graph optimisation level '{optimization}' (choose from {sorted(levels)})")
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts.graph_optimization_level = levels[optimization]
+        self.threads = int(threads) if threads else usable_cpus()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        self.spinning = bool(spinning)
         opts.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(os.fspath(path), sess_options=opts, providers=choose_providers(device))
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ResnetcError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}", file=os.fspath(path))
+            raise ResnetcError(f"onnxruntime cannot load the model: {_first_line(e)}", file=os.fspath(path))
         self.providers = self.session.get_providers()
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
+        self.input_dtypes = {i.name: (np.float16 if "float16" in i.type else np.float32)
+                             for i in self.session.get_inputs()}
         self.outputs = [o.name for o in self.session.get_outputs()]
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
 
@@ -82,7 +107,7 @@ class InferenceSession:
         missing = [n for n in self.inputs if n not in inputs]
         if missing:
             raise ResnetcError(f"missing input(s) {missing} (model inputs: {self.inputs})")
-        feeds = {n: np.ascontiguousarray(np.asarray(inputs[n], dtype=self._dtype(n))) for n in self.inputs}
+        feeds = {n: np.ascontiguousarray(np.asarray(inputs[n], dtype=self.input_dtypes[n])) for n in self.inputs}
         if self.on_gpu:
             binding = self.session.io_binding()
             for n, a in feeds.items():
@@ -91,11 +116,12 @@ class InferenceSession:
                 binding.bind_output(n, "cuda")
             self.session.run_with_iobinding(binding)
             return dict(zip(self.outputs, binding.copy_outputs_to_cpu()))
-        return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
-
-    def _dtype(self, name):
-        t = next(i.type for i in self.session.get_inputs() if i.name == name)
-        return np.float16 if "float16" in t else np.float32
+        try:
+            return dict(zip(self.outputs, self.session.run(self.outputs, feeds)))
+        except Exception as e:  # a wrong shape, mostly
+            shapes = {n: list(a.shape) for n, a in feeds.items()}
+            raise ResnetcError(f"onnxruntime cannot run the model on inputs {shapes} (model inputs "
+                               f"{self.input_shapes}): {_first_line(e)}") from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -217,26 +243,148 @@ class ExportReport:
     folded: list
     providers: list
     opset: int
+    fp16: bool = False
 
     def format(self) -> str:
-        return (f"exported {self.path}: inputs {self.inputs}, outputs {self.outputs}, opset {self.opset}; "
-                f"onnxruntime ({self.providers[0]}) vs PyTorch: max abs diff {self.max_abs:.3g}, max rel diff "
+        return (f"exported {self.path}: inputs {self.inputs}, outputs {self.outputs}, opset {self.opset}"
+                f"{', float16' if self.fp16 else ''}; onnxruntime ({self.providers[0]}) vs PyTorch"
+                f"{' float32' if self.fp16 else ''}: max abs diff {self.max_abs:.3g}, max rel diff "
                 f"{self.max_rel:.3g} (tolerance {self.tolerance:g})"
                 + (f"; folded {len(self.folded)} BatchNorm layers" if self.folded else ""))
 
 
 def _compare(ref: dict, got: dict) -> tuple:
-    """(max abs diff, max of abs diff / max(1, max |reference|)) over all outputs."""
+    """(max abs diff, max of abs diff / max(1, max finite |reference|)) over all outputs. Positions where both
+    sides are the same infinity or both NaN agree; a non-finite value on one side only is an infinite diff."""
     max_abs = max_rel = 0.0
     for name, r in ref.items():
         r = np.asarray(r, dtype=np.float64)
         g = np.asarray(got[name], dtype=np.float64).reshape(r.shape)
         if r.size == 0:
             continue
-        d = float(np.abs(r - g).max())
-        max_abs = max(max_abs, d)
-        max_rel = max(max_rel, d / max(1.0, float(np.abs(r).max())))
+        with np.errstate(invalid="ignore"):
+            d = np.abs(r - g)
+        agree = (np.isnan(r) & np.isnan(g)) | (np.isinf(r) & (r == g))
+        d = np.where(agree, 0.0, np.where(np.isnan(d), np.inf, d))
+        finite = np.abs(r[np.isfinite(r)])
+        d_max = float(d.max())
+        max_abs = max(max_abs, d_max)
+        max_rel = max(max_rel, d_max / max(1.0, float(finite.max()) if finite.size else 1.0))
     return max_abs, max_rel
+
+
+# ------------------------------------------------------------------------------------------------------------
+# float16
+
+
+# inputs that ONNX wants in float32 whatever the data type: Resize's roi and scales, Upsample's scales
+_FLOAT32_SLOTS = {"Resize": (1, 2), "Upsample": (1,)}
+
+
+def to_float16(model):
+    """The float32 ONNX ``model`` computing in float16: inputs, outputs, weights and activations in float16.
+
+    Only the data path changes: a node is converted when one of its float inputs derives from a graph input
+    through float tensors. Shape arithmetic (Shape -> Cast -> ...) and constant subgraphs over weights stay float32
+    and are cast to float16 where they meet the data path; onnxruntime folds those constants when it loads the
+    model. Initializers and Constant nodes that only the data path reads are stored in float16 (half the size)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    F32, F16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    inits = {t.name: t for t in g.initializer}
+    elem = {}
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        if vi.type.HasField("tensor_type"):
+            elem[vi.name] = vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        elem[t.name] = t.data_type
+    inferred = onnx_shape_types(model)
+    for k, v in inferred.items():
+        elem.setdefault(k, v)
+    tainted = {vi.name for vi in g.input if elem.get(vi.name) == F32 and vi.name not in inits}
+    producers = {}
+    consumers: dict = {}
+    for node in g.node:
+        for o in node.output:
+            producers[o] = node
+        for i, name in enumerate(node.input):
+            if name:
+                consumers.setdefault(name, []).append((node, i))
+    in_domain = set()
+    for node in g.node:  # topological order
+        slots = _FLOAT32_SLOTS.get(node.op_type, ())
+        if any(name in tainted for i, name in enumerate(node.input) if i not in slots):
+            in_domain.add(id(node))
+            if node.op_type == "Cast":
+                floats = any(at.name == "to" and at.i in (F32, F16) for at in node.attribute)
+                tainted.update(node.output if floats else ())
+            else:
+                tainted.update(o for o in node.output if elem.get(o, F32) == F32)
+
+    def only_data_path(name):
+        return all(id(n) in in_domain and i not in _FLOAT32_SLOTS.get(n.op_type, ()) for n, i in consumers[name])
+
+    new_nodes = []
+    casts = {}
+    converted_consts = set()
+    for node in g.node:
+        if id(node) in in_domain:
+            if node.op_type == "Cast":
+                for a in node.attribute:
+                    if a.name == "to" and a.i == F32:
+                        a.i = F16
+            slots = _FLOAT32_SLOTS.get(node.op_type, ())
+            for i, name in enumerate(node.input):
+                if not name or name in tainted:
+                    if name in tainted and i in slots:  # data-dependent scales: back to float32
+                        key = (name, F32)
+                        if key not in casts:
+                            casts[key] = name + "__f32"
+                            new_nodes.append(helper.make_node("Cast", [name], [casts[key]], to=F32))
+                        node.input[i] = casts[key]
+                    continue
+                if i in slots or elem.get(name) != F32:
+                    continue
+                prod = producers.get(name)
+                if name in inits and only_data_path(name):
+                    t = inits[name]
+                    if name not in converted_consts:
+                        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), name))
+                        converted_consts.add(name)
+                elif prod is not None and prod.op_type in ("Constant", "ConstantOfShape") and only_data_path(name):
+                    if name not in converted_consts:
+                        for a in prod.attribute:
+                            if a.name == "value" and a.t.data_type == F32:
+                                arr = numpy_helper.to_array(a.t).astype(np.float16)
+                                a.t.CopyFrom(numpy_helper.from_array(arr, a.t.name))
+                        converted_consts.add(name)
+                else:
+                    key = (name, F16)
+                    if key not in casts:
+                        casts[key] = name + "__f16"
+                        new_nodes.append(helper.make_node("Cast", [name], [casts[key]], to=F16))
+                    node.input[i] = casts[key]
+        new_nodes.append(node)
+    del g.node[:]
+    g.node.extend(new_nodes)
+    for vi in list(g.input) + list(g.output):
+        if vi.name in tainted and vi.type.tensor_type.elem_type == F32:
+            vi.type.tensor_type.elem_type = F16
+    del g.value_info[:]
+    return model
+
+
+def onnx_shape_types(model) -> dict:
+    """{value name: ONNX element type} from onnx's shape inference (empty when it fails)."""
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return {}
+    return {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info
+            if vi.type.HasField("tensor_type")}
 
 
 def prepare_deploy_net(net_path, weights=None, *, batch=None, input_shapes=None, fold_bn=False):
@@ -267,7 +415,12 @@ def export_onnx(net, path: str, *, weights: Optional[str] = None, opset: int = D
 
     ``batch``: "dynamic" (a symbolic batch axis) or an int. ``inputs``: extra {input name: array} to verify on.
     Raises ResnetcError (and writes nothing) when onnxruntime disagrees with PyTorch beyond ``tolerance``
-    (default 1e-4 relative to max(1, |reference|) in float32; 1e-2 with ``fp16``)."""
+    (default 1e-4 relative to max(1, |reference|) in float32; 1e-2 with ``fp16``).
+
+    ``fp16``: the float32 export converted to compute in float16 (``to_float16``: inputs, outputs, weights and
+    activations); it is verified against the float32 PyTorch net, so the report shows what half precision costs.
+    onnxruntime's CPU provider runs it (casting around the operators it has no float16 kernel for), slowly: the
+    point of a float16 model is a GPU."""
     import onnx
 
     dynamic = batch in (None, "dynamic")
@@ -302,11 +455,13 @@ def export_onnx(net, path: str, *, weights: Optional[str] = None, opset: int = D
         example.append(torch.from_numpy(rng.rand(*shape).astype(np.float32)))
     samples.append(example)
     if inputs:
+        missing = [n for n in in_names if n not in inputs]
+        if missing:
+            raise ResnetcError(f"the input to verify on lacks {missing} (the net's inputs: {in_names})",
+                               file=net.graph.file)
         samples.append([torch.as_tensor(np.asarray(inputs[n], dtype=np.float32)) for n in in_names])
     wrapper = _Positional(net, in_names, out_names).eval()
-    if fp16:
-        wrapper = wrapper.half()
-    dtype = torch.float16 if fp16 else torch.float32
+    dtype = torch.float32
     dynamic_axes = {n: {0: "N"} for n in in_names + out_names} if dynamic else None
     buf = io.BytesIO()
     try:
@@ -324,6 +479,12 @@ def export_onnx(net, path: str, *, weights: Optional[str] = None, opset: int = D
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise ResnetcError(f"onnx.checker rejects the exported model: {_first_line(e)}", file=net.graph.file)
+    if fp16:
+        model = to_float16(model)
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except Exception as e:
+            raise ResnetcError(f"onnx.checker rejects the float16 model: {_first_line(e)}", file=net.graph.file)
     tolerance = tolerance if tolerance is not None else (1e-2 if fp16 else 1e-4)
     max_abs = max_rel = 0.0
     providers = ["(not verified)"]
@@ -337,13 +498,17 @@ def export_onnx(net, path: str, *, weights: Optional[str] = None, opset: int = D
                 with torch.no_grad():
                     ref = wrapper(*[t.to(dtype) for t in sample])
                 ref = {n: r.float().numpy() for n, r in zip(out_names, ref)}
-                got = session(**{n: t.numpy().astype(np.float16 if fp16 else np.float32) for n, t in zip(in_names, sample)})
+                got = session(**{n: t.numpy() for n, t in zip(in_names, sample)})
                 a, r = _compare(ref, got)
                 max_abs, max_rel = max(max_abs, a), max(max_rel, r)
             if not max_rel <= tolerance:
-                raise ResnetcError(f"onnxruntime disagrees with PyTorch: max abs diff {max_abs:.3g}, max rel diff "
-                                   f"{max_rel:.3g} > tolerance {tolerance:g}; nothing written", file=os.fspath(path))
-    report = ExportReport(os.fspath(path), in_names, out_names, max_abs, max_rel, tolerance, folded, providers, opset)
+                what = "the float16 model in onnxruntime disagrees with PyTorch float32" if fp16 else \
+                    "onnxruntime disagrees with PyTorch"
+                hint = " (float16 overflows beyond 65504)" if fp16 and not np.isfinite(max_abs) else ""
+                raise ResnetcError(f"{what}: max abs diff {max_abs:.3g}, max rel diff {max_rel:.3g} > tolerance "
+                                   f"{tolerance:g}{hint}; nothing written", file=os.fspath(path))
+    report = ExportReport(os.fspath(path), in_names, out_names, max_abs, max_rel, tolerance, folded, providers, opset,
+                          fp16)
     log.info(report.format())
     return report
 

@@ -17,8 +17,8 @@ to a temporary .caffemodel with ``resnetc.weights.save_caffemodel`` and every en
 
 Timing: every engine uses the same number of threads (default: the usable cores). The machine may be shared, so
 the engines take turns: each round times every engine (in an order rotated per round) at batch 1 and batch 8,
-and one large fp32 ``torch.matmul`` (3 runs) before and after, whose best run is the GEMM peak. Engine figures are medians
-over all timed calls. Throughput is images/s; "% peak" = images/s x 2 x multiply-adds per image
+and one large fp32 ``torch.matmul`` (3 runs) before and after, whose best run is the GEMM peak. Engine figures are
+medians over all timed calls. Throughput is images/s; "% peak" = images/s x 2 x multiply-adds per image
 (``resnetc.summary``) / the measured GEMM FLOP/s.
 
 usage: python bench/inference.py [--iterations N] [--rounds R] [--threads T] [--quick] [--spinning-row]
@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import io
 import logging
-import math
 import os
 import statistics
 import sys
@@ -161,8 +160,8 @@ def main(argv=None):
         weights = os.path.join(tmp, "resnet50.caffemodel")
         t = time.perf_counter()
         make_weights(weights)
-        print(f"weights: train_val fillers + BatchNorm statistics of one TRAIN forward -> {os.path.getsize(weights) / 1e6:.0f} MB "
-              f".caffemodel ({time.perf_counter() - t:.1f} s)")
+        print(f"weights: train_val fillers + BatchNorm statistics of one TRAIN forward -> "
+              f"{os.path.getsize(weights) / 1e6:.0f} MB .caffemodel ({time.perf_counter() - t:.1f} s)")
         with contextlib.redirect_stderr(io.StringIO()):
             engines, skipped, _ = build_engines(tmp, weights, threads, args.spinning_row)
         for line in skipped:

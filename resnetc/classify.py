@@ -79,6 +79,75 @@ def read_labels(path: Optional[str]) -> Optional[list]:
         raise ResnetcError(f"cannot read labels: {e.strerror}", file=path) from None
 
 
-def top_k(probs: np.ndarray, k: int, labels: Optional[list] = None) -> list:
+def top_k_classes(probs: np.ndarray, k: int, labels: Optional[list] = None) -> list:
     order = np.argsort(-probs, kind="stable")[:k]
     return [(int(i), float(probs[i]), labels[i] if labels and i < len(labels) else str(int(i))) for i in order]
+
+
+top_k = top_k_classes
+
+
+def classify_images(model: str, images: Sequence[str], *, weights: Optional[str] = None,
+                    labels: Optional[str] = None, mean: Optional[str] = None, scale: float = 1.0,
+                    resize: Optional[Sequence[int]] = None, top_k: int = 5, device: str = "cpu") -> list:
+    """Caffe's classify.py: [(image path, [(class index, probability, label), ...] best first)].
+
+    ``model``: an exported .onnx file (run in onnxruntime; its weights are inside) or a prototxt with ``weights``
+    (its deploy form, run in PyTorch). The output read is ``prob`` when the net has one, else its last output."""
+    import logging
+
+    if top_k < 1:
+        raise ResnetcError(f"--top-k must be >= 1, got {top_k}")
+    is_onnx = os.fspath(model).endswith(".onnx")
+    if is_onnx and weights:
+        raise ResnetcError("--weights is for a prototxt: an .onnx model carries its weights", file=model)
+    if not is_onnx and not weights:
+        raise ResnetcError("classifying with a prototxt needs its trained weights: give --weights W.caffemodel",
+                           file=model)
+    label_names = read_labels(labels)
+    if is_onnx:
+        from .export import InferenceSession
+
+        sess = InferenceSession(model, device=None if str(device).startswith("cuda") else "cpu")
+        in_names, shape = sess.inputs, list(sess.input_shapes[sess.inputs[0]])
+        out_name = "prob" if "prob" in sess.outputs else sess.outputs[-1]
+        fixed = shape[0] if shape and isinstance(shape[0], int) else None
+
+        def run(batch):
+            return np.asarray(sess(**{in_names[0]: batch})[out_name], dtype=np.float32)
+    else:
+        import torch
+
+        from .export import prepare_deploy_net
+
+        net, _ = prepare_deploy_net(model, weights)
+        dev = device if str(device).startswith("cuda") and torch.cuda.is_available() else "cpu"
+        net.to(dev)
+        in_names, shape = net.inputs, list(net.graph.shape(net.inputs[0]) or [])
+        out_name = "prob" if "prob" in net.outputs else net.outputs[-1]
+        fixed = None
+
+        def run(batch):
+            with torch.no_grad():
+                return net(**{in_names[0]: torch.from_numpy(batch).to(dev)})[out_name].float().cpu().numpy()
+    if len(in_names) != 1:
+        raise ResnetcError(f"classify needs a net with one input, this one has {in_names}", file=model)
+    if len(shape) != 4 or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        raise ResnetcError(f"classify needs an image input N,C,H,W; input '{in_names[0]}' is {shape}", file=model)
+    channels, size = int(shape[1]), (int(shape[2]), int(shape[3]))
+    mean_arr = parse_mean(mean, channels)
+    batch = np.stack([preprocess(load_image_bgr(p, channels), size, mean=mean_arr, scale=scale, resize=resize)
+                      for p in images]).astype(np.float32)
+    step = fixed or len(batch)
+    chunks = []
+    for i in range(0, len(batch), step):
+        part = batch[i:i + step]
+        n = len(part)
+        if n < step:  # a fixed-batch model: pad the last chunk
+            part = np.concatenate([part, np.zeros((step - n,) + part.shape[1:], np.float32)])
+        chunks.append(run(part)[:n])
+    probs = np.concatenate(chunks).reshape(len(batch), -1)
+    if label_names is not None and len(label_names) != probs.shape[1]:
+        logging.getLogger("resnetc.classify").warning(
+            "%s has %d labels for %d classes", labels, len(label_names), probs.shape[1])
+    return [(path, top_k_classes(p, top_k, label_names)) for path, p in zip(images, probs)]

@@ -162,7 +162,8 @@ def fold_batchnorm(net) -> list:
         if layer.type != "BatchNorm" or len(layer.bottoms) != 1:
             continue
         conv = producers.get(layer.bottoms[0])
-        if conv is None or conv.type not in ("Convolution", "InnerProduct") or len(consumers.get(layer.bottoms[0], [])) != 1:
+        if (conv is None or conv.type not in ("Convolution", "InnerProduct")
+                or len(consumers.get(layer.bottoms[0], [])) != 1):
             continue
         if conv.type == "Convolution" and conv.param.convolution_param.axis != 1:
             continue
@@ -281,13 +282,14 @@ def _compare(ref: dict, got: dict) -> tuple:
 _FLOAT32_SLOTS = {"Resize": (1, 2), "Upsample": (1,)}
 
 
-def to_float16(model):
+def to_float16(model, layer_of=None):
     """The float32 ONNX ``model`` computing in float16: inputs, outputs, weights and activations in float16.
 
     Only the data path changes: a node is converted when one of its float inputs derives from a graph input
     through float tensors. Shape arithmetic (Shape -> Cast -> ...) and constant subgraphs over weights stay float32
     and are cast to float16 where they meet the data path; onnxruntime folds those constants when it loads the
-    model. Initializers and Constant nodes that only the data path reads are stored in float16 (half the size)."""
+    model. Initializers and Constant nodes that only the data path reads are stored in float16 (half the size).
+    ``layer_of``: ONNX value name -> Caffe layer name, for errors (a constant beyond float16's range)."""
     from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
@@ -350,13 +352,13 @@ def to_float16(model):
                 if name in inits and only_data_path(name):
                     t = inits[name]
                     if name not in converted_consts:
-                        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), name))
+                        t.CopyFrom(numpy_helper.from_array(_half(numpy_helper.to_array(t), name, layer_of), name))
                         converted_consts.add(name)
                 elif prod is not None and prod.op_type in ("Constant", "ConstantOfShape") and only_data_path(name):
                     if name not in converted_consts:
                         for a in prod.attribute:
                             if a.name == "value" and a.t.data_type == F32:
-                                arr = numpy_helper.to_array(a.t).astype(np.float16)
+                                arr = _half(numpy_helper.to_array(a.t), name, layer_of)
                                 a.t.CopyFrom(numpy_helper.from_array(arr, a.t.name))
                         converted_consts.add(name)
                 else:
@@ -373,6 +375,32 @@ def to_float16(model):
             vi.type.tensor_type.elem_type = F16
     del g.value_info[:]
     return model
+
+
+def _half(arr: np.ndarray, name: str, layer_of=None) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        out = arr.astype(np.float16)
+    if np.isinf(out).sum() > np.isinf(arr).sum():
+        big = float(np.abs(arr[np.isfinite(arr)]).max())
+        layer = layer_of(name) if layer_of else None
+        what = "a constant of this layer" if layer else f"constant '{name}'"
+        raise ResnetcError(f"float16 export: {what} holds {big:.4g}, beyond float16's range (65504): export it in "
+                           f"float32", layer=layer)
+    return out
+
+
+def _onnx_layer_names(net):
+    """ONNX value name -> Caffe layer name: torch names values inside module ``net.<key>`` '/net/<key>/...' and
+    parameters 'net.layers.<key>.<...>'."""
+    by_key = {key: name for name, key in net._module_keys.items()}
+
+    def layer_of(value: str):
+        for part in value.replace(".", "/").split("/"):
+            if part in by_key:
+                return by_key[part]
+        return None
+
+    return layer_of
 
 
 def onnx_shape_types(model) -> dict:
@@ -480,7 +508,10 @@ def export_onnx(net, path: str, *, weights: Optional[str] = None, opset: int = D
     except Exception as e:
         raise ResnetcError(f"onnx.checker rejects the exported model: {_first_line(e)}", file=net.graph.file)
     if fp16:
-        model = to_float16(model)
+        try:
+            model = to_float16(model, _onnx_layer_names(net))
+        except ResnetcError as e:
+            raise e.at(file=net.graph.file)
         try:
             onnx.checker.check_model(model, full_check=True)
         except Exception as e:

@@ -1,8 +1,6 @@
 """`resnetc export`, `resnetc classify`, `resnetc time`: a net leaves resnetc as ONNX and runs in onnxruntime."""
 from __future__ import annotations
 
-import os
-
 import click
 import numpy as np
 
@@ -63,7 +61,7 @@ def _first_input(net, inputs, input_shapes):
 @click.command("classify")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--weights", type=click.Path(dir_okay=False), help="Weights when MODEL is a prototxt.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Weights when MODEL is a prototxt (required then).")
 @click.option("--labels", type=click.Path(dir_okay=False), help="synset_words.txt: one label per line.")
 @click.option("--mean", help="Mean: a .binaryproto file or comma-separated per-channel values (BGR).")
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Multiply after mean subtraction.")
@@ -72,47 +70,21 @@ def _first_input(net, inputs, input_shapes):
 @click.option("--gpu", is_flag=True, help="Use CUDA when available.")
 def classify_cmd(model, images, weights, labels, mean, scale, images_dim, top_k, gpu):
     """Classify IMAGES with MODEL (.onnx, or a prototxt + --weights), like Caffe's classify.py."""
-    from ..classify import load_image_bgr, parse_mean, preprocess, read_labels, top_k as topk
+    from ..classify import classify_images
 
-    label_names = read_labels(labels)
     resize = None
     if images_dim:
         try:
             resize = [int(v) for v in images_dim.split(",")]
         except ValueError:
-            raise ResnetcError(f"--images-dim wants H,W, got '{images_dim}'") from None
-    if model.endswith(".onnx"):
-        from ..export import InferenceSession
-
-        sess = InferenceSession(model, device=None if gpu else "cpu")
-        in_name = sess.inputs[0]
-        shape = sess.input_shapes[in_name]
-        channels, size = int(shape[1]), (int(shape[2]), int(shape[3]))
-
-        def run(batch):
-            outs = sess(**{in_name: batch})
-            return outs[sess.outputs[-1]] if "prob" not in outs else outs["prob"]
-    else:
-        import torch
-
-        from ..export import prepare_deploy_net
-
-        net, _ = prepare_deploy_net(model, weights)
-        in_name = net.inputs[0]
-        shape = net.graph.shape(in_name)
-        channels, size = shape[1], (shape[2], shape[3])
-
-        def run(batch):
-            with torch.no_grad():
-                outs = net(**{in_name: torch.from_numpy(batch)})
-            key = "prob" if "prob" in outs else net.outputs[-1]
-            return outs[key].numpy()
-    mean_arr = parse_mean(mean, channels)
-    batch = np.stack([preprocess(load_image_bgr(p, channels), size, mean=mean_arr, scale=scale, resize=resize) for p in images])
-    probs = run(batch.astype(np.float32)).reshape(len(images), -1)
-    for path, p in zip(images, probs):
+            resize = None
+        if not resize or len(resize) != 2 or min(resize) < 1:
+            raise ResnetcError(f"--images-dim wants H,W (two positive integers), got '{images_dim}'")
+    results = classify_images(model, images, weights=weights, labels=labels, mean=mean, scale=scale, resize=resize,
+                              top_k=top_k, device="cuda" if gpu else "cpu")
+    for path, ranked in results:
         click.echo(f"{path}:")
-        for rank, (idx, prob, name) in enumerate(topk(p, top_k, label_names), 1):
+        for rank, (idx, prob, name) in enumerate(ranked, 1):
             click.echo(f"  {rank}. {prob:.4f}  {name}  (class {idx})")
 
 
@@ -123,34 +95,48 @@ def classify_cmd(model, images, weights, labels, mean, scale, images_dim, top_k,
 @click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True)
 @click.option("--batch", type=int, default=None, help="Batch size (default: the spec's).")
 @click.option("--gpu", is_flag=True, help="Run on CUDA when available.")
-@click.option("--phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False), default="TEST", show_default=True)
+@click.option("--phase", type=click.Choice(["TRAIN", "TEST"], case_sensitive=False), default="TEST", show_default=True,
+              help="torch engine: the phase the deploy form is built in (`caffe time` defaults to TRAIN).")
 @click.option("--fold-bn", is_flag=True, help="onnxruntime engine: fold BatchNorm first.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads (default: torch's / one per core).")
 @click.option("--input-shape", "input_shapes", multiple=True, metavar="BLOB=N,C,H,W")
-def time_cmd(net, weights, iterations, engine, batch, gpu, phase, fold_bn, input_shapes):
-    """Benchmark NET like `caffe time`: per-layer forward/backward (torch) or latency/throughput (onnxruntime)."""
+def time_cmd(net, weights, iterations, engine, batch, gpu, phase, fold_bn, threads, input_shapes):
+    """Benchmark NET like `caffe time`: per-layer forward/backward (torch) or latency/throughput (onnxruntime).
+
+    NET is a prototxt (its deploy form is timed) or, with --engine onnxruntime, an .onnx file."""
     import torch
 
-    from ..timing import time_onnxruntime, time_onnxruntime_for_net, time_torch
+    from ..timing import time_onnxruntime, time_onnxruntime_for_net, time_torch, timing_net
 
+    if iterations < 1:
+        raise ResnetcError("--iterations must be >= 1")
+    if batch is not None and batch < 1:
+        raise ResnetcError("--batch must be >= 1")
+    if threads is not None and threads < 1:
+        raise ResnetcError("--threads must be >= 1")
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     if gpu and device == "cpu":
         click.echo("CUDA is not available: timing on the CPU", err=True)
-    if iterations < 1:
-        raise ResnetcError("--iterations must be >= 1")
     if engine == "onnxruntime":
         if net.endswith(".onnx"):
-            t = time_onnxruntime(net, iterations, batch=batch, device=device)
+            if weights or fold_bn or input_shapes:
+                raise ResnetcError("--weights, --fold-bn and --input-shape apply to a prototxt; an .onnx model "
+                                   "is timed as it is", file=net)
+            t = time_onnxruntime(net, iterations, batch=batch, device=device, threads=threads)
         else:
             t = time_onnxruntime_for_net(net, weights, iterations, batch=batch, device=device, fold_bn=fold_bn,
-                                         input_shapes=parse_input_shapes(input_shapes))
+                                         input_shapes=parse_input_shapes(input_shapes), threads=threads)
         click.echo(t.format())
         return
-    from ..export import prepare_deploy_net
-
-    shapes = parse_input_shapes(input_shapes)
-    cnet, _ = prepare_deploy_net(net, weights, batch=batch, input_shapes=shapes)
+    if net.endswith(".onnx"):
+        raise ResnetcError("the torch engine times a prototxt; time an .onnx file with --engine onnxruntime",
+                           file=net)
+    if fold_bn:
+        raise ResnetcError("--fold-bn applies to --engine onnxruntime")
+    if threads:
+        torch.set_num_threads(threads)
+    cnet = timing_net(net, weights, phase=phase, batch=batch, input_shapes=parse_input_shapes(input_shapes))
     cnet.to(device)
-    click.echo(f"Testing for {iterations} iterations.")
     click.echo(time_torch(cnet, iterations, device=device).format())
 
 

@@ -112,7 +112,6 @@ def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level
             raise ResnetcError(f"--iterations must be >= 0 (got {max_iter})")
         param.max_iter = max_iter
     if resume:
-        log.info("Resuming from %s", resume)
         param.ClearField("weights")
     _speed_flags(param, amp, channels_last, compile_)
     # -- multi-process: start the ranks here (--nproc / several --gpu ids), or be one (launched / torchrun) --
@@ -137,9 +136,12 @@ def train_cmd(files, solver_opt, weights, resume, gpu, max_iter, log_file, level
 
         solver = DistributedSolver(param, env=rank_env, **kw)
     try:
-        log.info("Starting Optimization")
         with dist_.collective_errors(rank_env, "training"):
-            solver.solve(resume)
+            if resume:  # caffe train: Restore before "Starting Optimization", then Solve() without a file
+                log.info("Resuming from %s", resume)
+                solver.restore(resume)
+            log.info("Starting Optimization")
+            solver.solve()
         log.info("Optimization Done.")
         if rank_env is not None:
             dist_.finish(rank_env)

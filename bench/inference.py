@@ -16,9 +16,11 @@ step), so activations keep a sane range and the engines' outputs can be compared
 to a temporary .caffemodel with ``resnetc.weights.save_caffemodel`` and every engine reads that file.
 
 Timing: every engine uses the same number of threads (default: the usable cores). The machine may be shared, so
-the engines take turns: each round times every engine (in an order rotated per round) at batch 1 and batch 8,
+the engines take turns: each round times every engine (in an order rotated per round, after a pause and one
+untimed call, so that no engine's idle threads still spin in the next one's time) at batch 1 and batch 8,
 and one large fp32 ``torch.matmul`` (3 runs) before and after, whose best run is the GEMM peak. Engine figures are
-medians over all timed calls. Throughput is images/s; "% peak" = images/s x 2 x multiply-adds per image
+medians over all timed calls ("min ms": the fastest call, the least disturbed by other processes). Throughput is
+images/s at the median; "% peak" = images/s x 2 x multiply-adds per image
 (``resnetc.summary``) / the measured GEMM FLOP/s.
 
 usage: python bench/inference.py [--iterations N] [--rounds R] [--threads T] [--quick] [--spinning-row]
@@ -130,7 +132,8 @@ def build_engines(tmp: str, weights: str, threads: int, spinning_row: bool) -> t
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iterations", type=int, default=8, help="timed calls per engine and batch size (default 8)")
-    ap.add_argument("--rounds", type=int, default=4, help="rounds the timed calls are spread over (default 4)")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds the timed calls are spread over (default 8: "
+                    "one call per engine and batch size per round)")
     ap.add_argument("--threads", type=int, default=None, help="threads for every engine (default: usable cores)")
     ap.add_argument("--gemm-n", type=int, default=2048, help="size of the square matmul measuring the peak")
     ap.add_argument("--quick", action="store_true", help="2 rounds of 1 call: a smoke run (figures are rough)")
@@ -186,7 +189,8 @@ def main(argv=None):
             order = engines[r % len(engines):] + engines[:r % len(engines)]
             gemm += gemm_gflops(args.gemm_n)
             for e in order:
-                e.run(inputs[1])  # untimed: the previous engine's threads leave the cores first
+                time.sleep(0.3)  # the previous engine's worker threads stop spinning and go to sleep
+                e.run(inputs[1])  # untimed
                 for b in BATCHES:
                     for _ in range(per_round[r]):
                         t = time.perf_counter()
@@ -200,7 +204,7 @@ def main(argv=None):
           f"(median {statistics.median(gemm):.1f}, min {min(gemm):.1f}; {len(gemm)} runs interleaved with the engines)")
     print(f"{args.iterations} timed calls per engine and batch over {rounds} rounds, {wall:.0f} s; load average "
           f"{os.getloadavg()[0]:.2f}\n")
-    head = f"{'engine':<34}" + "".join(f"{f'batch {b}: img/s':>16}{'ms':>9}{'% peak':>8}" for b in BATCHES)
+    head = f"{'engine':<34}" + "".join(f"{f'batch {b}: img/s':>16}{'ms':>9}{'min ms':>9}{'% peak':>8}" for b in BATCHES)
     print(head)
     print("-" * len(head))
     ips = {}
@@ -210,7 +214,7 @@ def main(argv=None):
             med = statistics.median(e.times[b])
             ips[e.name, b] = b / med
             frac = ips[e.name, b] * 2 * macs / (peak * 1e9)
-            cells += f"{ips[e.name, b]:>16.2f}{med * 1000:>9.1f}{100 * frac:>7.1f}%"
+            cells += f"{ips[e.name, b]:>16.2f}{med * 1000:>9.1f}{min(e.times[b]) * 1000:>9.1f}{100 * frac:>7.1f}%"
         print(f"{e.name:<34}{cells}")
     print()
     names = [e.name for e in engines]

@@ -42,14 +42,25 @@ def onnxruntime_module():
 
 
 def choose_providers(device: Optional[str] = None) -> list:
-    """CUDA first when onnxruntime-gpu and a GPU are present, then CPU (or exactly what ``device`` asks)."""
+    """CUDA then CPU when onnxruntime-gpu is installed (its CUDA provider is available), else CPU;
+    ``device='cpu'`` asks for CPU only, ``'cuda:N'`` for GPU N (then CPU)."""
     ort = onnxruntime_module()
     available = ort.get_available_providers()
+    device = None if device is None else str(device)
     if device == "cpu":
         return ["CPUExecutionProvider"]
+    if device is not None and not device.startswith("cuda"):
+        raise ResnetcError(f"unknown device '{device}' for onnxruntime (cpu, cuda or cuda:N)")
     providers = []
-    if "CUDAExecutionProvider" in available and (device is None or device.startswith("cuda")):
-        providers.append("CUDAExecutionProvider")
+    if "CUDAExecutionProvider" in available:
+        index = device.partition(":")[2] if device else ""
+        if index:
+            try:
+                providers.append(("CUDAExecutionProvider", {"device_id": int(index)}))
+            except ValueError:
+                raise ResnetcError(f"unknown device '{device}' for onnxruntime (cpu, cuda or cuda:N)") from None
+        else:
+            providers.append("CUDAExecutionProvider")
     providers.append("CPUExecutionProvider")
     return providers
 

@@ -254,6 +254,9 @@ def test_providers_cuda_first_when_onnxruntime_gpu_is_installed(monkeypatch, tmp
     assert choose_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers("cuda") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers("cpu") == ["CPUExecutionProvider"]
+    assert choose_providers("cuda:1") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    with pytest.raises(ResnetcError, match="unknown device"):
+        choose_providers("tpu")
     seen = {}
 
     class FakeSession:

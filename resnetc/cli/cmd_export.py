@@ -114,10 +114,8 @@ def time_cmd(net, weights, iterations, engine, batch, gpu, phase, fold_bn, threa
         raise ResnetcError("--batch must be >= 1")
     if threads is not None and threads < 1:
         raise ResnetcError("--threads must be >= 1")
-    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-    if gpu and device == "cpu":
-        click.echo("CUDA is not available: timing on the CPU", err=True)
     if engine == "onnxruntime":
+        device = "cuda" if gpu else "cpu"  # onnxruntime-gpu decides, not torch
         if net.endswith(".onnx"):
             if weights or fold_bn or input_shapes:
                 raise ResnetcError("--weights, --fold-bn and --input-shape apply to a prototxt; an .onnx model "
@@ -126,8 +124,13 @@ def time_cmd(net, weights, iterations, engine, batch, gpu, phase, fold_bn, threa
         else:
             t = time_onnxruntime_for_net(net, weights, iterations, batch=batch, device=device, fold_bn=fold_bn,
                                          input_shapes=parse_input_shapes(input_shapes), threads=threads)
+        if gpu and t.providers[0] != "CUDAExecutionProvider":
+            click.echo("onnxruntime has no CUDA provider here (pip install 'resnetc[gpu]'): timed on the CPU", err=True)
         click.echo(t.format())
         return
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    if gpu and device == "cpu":
+        click.echo("CUDA is not available: timing on the CPU", err=True)
     if net.endswith(".onnx"):
         raise ResnetcError("the torch engine times a prototxt; time an .onnx file with --engine onnxruntime",
                            file=net)

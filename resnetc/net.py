@@ -6,6 +6,20 @@ The module runs the layers in Caffe's order over a value environment keyed by si
 BatchNorm statistics have ``requires_grad=False``). ``net.blobs['x']`` is blob ``x`` after the last forward.
 
 Data layers are not modules: their tops, like ``Input`` tops, are keyword inputs of the forward.
+
+The forward runs an *execution plan* derived from the per-layer plan (``_plan``, one entry per layer, which
+``resnetc.timing`` and ``export.fold_batchnorm`` use and may edit; the execution plan is rebuilt when it
+changes). ``net.keep_blobs`` decides which blobs outlive the forward and, with that, what may be fused:
+
+* ``True`` (default): every blob pycaffe can name — each Caffe blob's final value (``net.blobs``) and, when
+  gradients are enabled, the first version of an in-place chain (whose gradient pycaffe reports as the blob's
+  diff), plus inputs, outputs and loss tops. Intermediate versions of an in-place chain (``conv1`` after BatchNorm, before
+  Scale) are not kept: a BatchNorm followed by a per-channel Scale on such a blob runs as one ``batch_norm``
+  kernel (``layers.norm.BatchNormScale``), a ReLU overwrites such a blob in place (``ReLU.inplace``) when
+  its producer's backward does not need it, and a Split's tops alias its bottom without a call.
+* ``False``: only inputs, outputs and loss tops are kept (``net.blobs`` holds only those); the rest is freed
+  as soon as its last reader ran, and more BatchNorm/Scale pairs and ReLUs qualify.
+* ``"all"``: every layer runs as its own module and every single-assignment version is kept (debugging).
 """
 from __future__ import annotations
 
@@ -51,8 +65,11 @@ class BlobsView(Mapping):
         if env is None:
             raise KeyError(f"{name!r}: no forward has run yet")
         ssa = self._net.graph.blob_alias.get(name)
-        if ssa is None or ssa not in env:
+        if ssa is None:
             raise KeyError(name)
+        if ssa not in env:
+            raise KeyError(f"{name!r} was not kept by the last forward (net.keep_blobs is "
+                           f"{self._net.keep_blobs!r}; set it to True to keep every blob)")
         return env[ssa]
 
     def __iter__(self):
@@ -71,11 +88,15 @@ class BlobsView(Mapping):
 class CaffeNet(nn.Module):
     """The lowered net. Call it with keyword inputs by blob name; returns {output blob: tensor}."""
 
-    def __init__(self, graph: LayerGraph, *, seed: Optional[int] = None, device=None, fill_params: bool = True):
+    def __init__(self, graph: LayerGraph, *, seed: Optional[int] = None, device=None, fill_params: bool = True,
+                 keep_blobs=True):
         super().__init__()
         self.graph = graph
         self.phase = graph.phase
         self._env = None
+        self.keep_blobs = keep_blobs
+        self._exec = None
+        self._exec_src = None
         rng = CaffeRNG(seed)
         owned: dict = {}  # (layer name, blob idx) -> Parameter
         self.params: "collections.OrderedDict[str, list]" = collections.OrderedDict()
@@ -122,9 +143,99 @@ class CaffeNet(nn.Module):
         self._loss_terms = [(layer.tops[j], w) for layer in graph.layers for j, w in enumerate(layer.loss_weights)
                             if w != 0]
         self._outputs = [(name, graph.blob_alias[name]) for name in graph.outputs]
+        self._build_exec()
         self.load_prototxt_blobs()
         if device is not None:
             self.to(device)
+
+    # -- execution plan --------------------------------------------------------------------------------------
+    @property
+    def keep_blobs(self):
+        return self._keep_blobs
+
+    @keep_blobs.setter
+    def keep_blobs(self, value) -> None:
+        if not (value is True or value is False or value == "all"):
+            raise ValueError(f"keep_blobs must be True, False or 'all', got {value!r}")
+        self._keep_blobs = value
+
+    def kept_blobs(self, grad: bool = True) -> Optional[set]:
+        """The single-assignment blob names a forward (with or without grad) leaves in ``_env`` (None: all)."""
+        mode = self._keep_blobs
+        if mode == "all":
+            return None
+        graph = self.graph
+        keep = set(self._input_names) | {ssa for _, ssa in self._outputs} | {ssa for ssa, _ in self._loss_terms}
+        if mode:
+            keep |= set(graph.blob_alias.values())
+            if grad:
+                keep |= {ssa for l in graph.layers for t, ssa in zip(l.caffe_tops, l.tops) if ssa == t}
+        return keep
+
+    def _build_exec(self) -> None:
+        plan = list(self._plan)
+        self._exec = (self._exec_plan(plan, False), self._exec_plan(plan, True))
+        self._exec_src = (plan, self._keep_blobs)
+
+    def _exec_plan(self, plan: list, grad: bool) -> list:
+        """The execution plan for a forward with or without grad: steps ``(fn, bottoms, tops, detach, drop)``;
+        ``fn`` None means the tops alias the single bottom; ``drop`` lists the blobs no later step reads (and
+        not kept)."""
+        from .layers.common import Eltwise, Op, Split
+        from .layers.neuron import ReLU
+        from .layers.norm import BatchNorm, BatchNormScale, Bias, Scale
+        from .layers.vision import Convolution, InnerProduct
+
+        keep = self.kept_blobs(grad)
+        optimise = keep is not None
+        reads: dict = {}
+        for _, bottoms, _, _ in plan:
+            for b in bottoms:
+                reads[b] = reads.get(b, 0) + 1
+
+        def private(ssa) -> bool:  # read by one layer only, and not kept after the forward
+            return optimise and reads.get(ssa, 0) == 1 and ssa not in keep
+
+        steps = []
+        fresh = set()  # blobs in new storage that their producer's backward does not read
+        i = 0
+        while i < len(plan):
+            mod, bottoms, tops, detach = plan[i]
+            fn, outs_fresh = mod, False
+            if optimise and detach is None:
+                nxt = plan[i + 1] if i + 1 < len(plan) else None
+                if (type(mod) is BatchNorm and nxt is not None and nxt[3] is None and nxt[1] == tops
+                        and private(tops[0])
+                        and BatchNormScale.fusable(mod, nxt[0], self.graph.blob_shapes.get(bottoms[0]))):
+                    steps.append((BatchNormScale(mod, nxt[0]), bottoms, nxt[2], None))
+                    fresh.update(nxt[2])
+                    i += 2
+                    continue
+                if type(mod) is Split:
+                    fn = None
+                elif type(mod) is ReLU and bottoms[0] in fresh and private(bottoms[0]):
+                    fn = mod.inplace
+                elif isinstance(mod, (BatchNorm, Scale, Bias, Convolution, InnerProduct)):
+                    outs_fresh = True
+                elif type(mod) is Eltwise and mod.op == Op.SUM and len(bottoms) > 1:
+                    outs_fresh = True
+            if outs_fresh:
+                fresh.update(tops)
+            steps.append((fn, bottoms, tops, detach))
+            i += 1
+        last = {}
+        for k, (_, bottoms, tops, _) in enumerate(steps):
+            for t in tops:
+                last.setdefault(t, k)
+            for b in bottoms:
+                last[b] = k
+        drops = [[] for _ in steps]
+        if keep is not None:
+            for ssa, k in last.items():
+                if ssa not in keep:
+                    drops[k].append(ssa)
+        return [(fn, bottoms, tops, detach, tuple(d) if d else None) for (fn, bottoms, tops, detach), d in
+                zip(steps, drops)]
 
     # -- views -----------------------------------------------------------------------------------------------
     @property
@@ -167,16 +278,36 @@ class CaffeNet(nn.Module):
             if name not in env:
                 raise ResnetcError(f"'{name}' is not an input of this net (inputs: {', '.join(self._input_names)})",
                                    file=self.graph.file)
-        for mod, bottoms, tops, detach in self._plan:
-            args = [env[b] for b in bottoms]
-            if detach is not None:
-                args = [a.detach() if d else a for a, d in zip(args, detach)]
-            out = mod(*args)
-            if len(tops) == 1:
+        if not torch.compiler.is_compiling():
+            src_plan, src_keep = self._exec_src
+            if src_keep != self._keep_blobs or src_plan != self._plan:
+                self._build_exec()
+        self._env = None  # the last forward's blobs are freed before this one allocates
+        for fn, bottoms, tops, detach, drop in self._exec[torch.is_grad_enabled()]:
+            # no local may hold a blob past its step: a freed blob's memory is what the next layer reuses
+            if fn is None:
+                for t in tops:
+                    env[t] = env[bottoms[0]]
+            elif detach is None and len(bottoms) == 1 and len(tops) == 1:
+                out = fn(env[bottoms[0]])
                 env[tops[0]] = out[0] if isinstance(out, (tuple, list)) else out
+                out = None
             else:
-                for t, v in zip(tops, out):
-                    env[t] = v
+                args = [env[b] for b in bottoms]
+                if detach is not None:
+                    args = [a.detach() if d else a for a, d in zip(args, detach)]
+                out = fn(*args)
+                args = None
+                if len(tops) == 1:
+                    env[tops[0]] = out[0] if isinstance(out, (tuple, list)) else out
+                else:
+                    for t, v in zip(tops, out):
+                        env[t] = v
+                    v = None
+                out = None
+            if drop is not None:
+                for d in drop:
+                    del env[d]
         self._env = env
         return {name: env[ssa] for name, ssa in self._outputs}
 

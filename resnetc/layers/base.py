@@ -5,6 +5,21 @@ import torch
 from torch import nn
 
 
+_KEYS = tuple(str(i) for i in range(32))
+
+
+class Blobs(nn.ParameterList):
+    """``nn.ParameterList`` whose integer indexing reads the registered parameter directly (``blobs[0]`` runs
+    in every forward; the stock lookup formats and checks the index through several Python calls)."""
+
+    def __getitem__(self, idx):
+        if type(idx) is int and 0 <= idx < 32:
+            p = self._parameters.get(_KEYS[idx])
+            if p is not None:
+                return p
+        return super().__getitem__(idx)
+
+
 class CaffeLayer(nn.Module):
     """One Caffe layer as a torch module.
 
@@ -24,7 +39,7 @@ class CaffeLayer(nn.Module):
         self.layer_name = layer.name
         self.layer_type = layer.type
         self.phase = layer.phase
-        self.blobs = nn.ParameterList(blobs)
+        self.blobs = Blobs(blobs)
 
     def extra_repr(self) -> str:
         return f"{self.layer_name!r}"

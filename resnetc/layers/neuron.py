@@ -54,6 +54,14 @@ class ReLU(CaffeLayer):
             return torch.relu(x)
         return F.leaky_relu(x, self.negative_slope)
 
+    def inplace(self, x):
+        """The same, overwriting ``x`` (the net uses it when nothing else reads ``x``; hooks still fire)."""
+        if self._forward_hooks or self._forward_pre_hooks:
+            return self(x)
+        if self.negative_slope == 0.0:
+            return torch.relu_(x)
+        return F.leaky_relu_(x, self.negative_slope)
+
 
 def _prelu_shape(layer, bottoms):
     if len(bottoms[0]) < 2:

@@ -59,7 +59,13 @@ def use_global_stats(layer) -> bool:
 
 
 class BatchNorm(CaffeLayer):
-    """Caffe BatchNorm (statistics only; the affine part is a following Scale layer)."""
+    """Caffe BatchNorm (statistics only; the affine part is a following Scale layer).
+
+    Both modes run torch's fused ``batch_norm`` kernel. With batch statistics the kernel also writes the batch
+    mean and the unbiased batch variance (``momentum`` 1) into two scratch buffers, from which Caffe's blobs
+    are updated (``s ← maf·s + 1``, ``m ← maf·m + mean``, ``v ← maf·v + var·M/(M−1)``): no second pass over
+    the input. :meth:`normalize` takes an optional per-channel ``weight``/``bias``, so the net can run a
+    BatchNorm and the Scale that follows it as one kernel (see ``CaffeNet``)."""
 
     def __init__(self, layer, blobs):
         super().__init__(layer, blobs)
@@ -67,40 +73,84 @@ class BatchNorm(CaffeLayer):
         self.global_stats = use_global_stats(layer)
         self.maf = float(p.moving_average_fraction)
         self.eps = float(p.eps)
+        if not self.global_stats:
+            c = int(blobs[0].shape[0])
+            self.register_buffer("batch_mean", torch.zeros(c), persistent=False)
+            self.register_buffer("batch_var", torch.ones(c), persistent=False)
+            self.register_buffer("one", torch.ones(1), persistent=False)
 
     def forward(self, x):
+        return self.normalize(x)
+
+    def statistics(self):
+        """(mean, variance) from the blobs ``[mean·s, var·s, s]`` (``s == 0`` ⇒ factor 0), as constants."""
+        s = self.blobs[2].detach()  # shape (1,): broadcasts over the channels
+        factor = torch.where(s == 0, 0.0, s.reciprocal())
+        return self.blobs[0].detach() * factor, self.blobs[1].detach() * factor
+
+    def normalize(self, x, weight=None, bias=None):
+        """BatchNorm of ``x``, then ``·weight + bias`` per channel when given (a fused Scale layer)."""
         one_d = x.dim() == 1
         if one_d:
             x = x.unsqueeze(1)
         if self.global_stats:
-            s = self.blobs[2][0].detach()
-            factor = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+            mean, var = self.statistics()
             # (x − mean) / sqrt(var + eps) in one fused kernel; the statistics are constants for autograd
-            y = F.batch_norm(x, self.blobs[0].detach() * factor, self.blobs[1].detach() * factor, None, None,
-                             False, 0.0, self.eps)
+            y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
         else:
-            dims = [0] + list(range(2, x.dim()))
             m = x.numel() // x.shape[1]
-            if m > 1:  # torch's training-mode batch_norm normalises with the biased batch variance, as Caffe
-                y = F.batch_norm(x, None, None, None, None, True, 0.0, self.eps)
-                var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+            if m > 1:
+                # torch's training-mode batch_norm normalises with the biased batch variance, as Caffe, and
+                # (momentum 1) leaves the batch mean and the unbiased variance in the scratch buffers
+                y = F.batch_norm(x, self.batch_mean, self.batch_var, weight, bias, True, 1.0, self.eps)
+                self._update_running(self.batch_mean, self.batch_var)
             else:  # one value per channel: torch refuses, Caffe gives (x − x)/sqrt(eps) = 0
+                dims = [0] + list(range(2, x.dim()))
                 mean = x.mean(dim=dims, keepdim=True)
                 var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
                 y = (x - mean) / torch.sqrt(var + self.eps)
-            self._update_running(mean, var, m)
+                if weight is not None or bias is not None:
+                    shape = (1, -1) + (1,) * (x.dim() - 2)
+                    y = y * weight.reshape(shape) if weight is not None else y
+                    y = y + bias.reshape(shape) if bias is not None else y
+                self._update_running(mean, var)  # M == 1: Caffe's correction factor is 1
         if torch.is_grad_enabled() and any(b.requires_grad for b in self.blobs):
             # force_backward: Caffe gives the statistics a diff, and it is zero (its backward never writes it)
             y = y + 0.0 * (self.blobs[0].sum() + self.blobs[1].sum() + self.blobs[2].sum())
         return y.squeeze(1) if one_d else y
 
-    def _update_running(self, mean, var, m: int) -> None:
-        correction = m / (m - 1) if m > 1 else 1.0
+    def _update_running(self, mean, var) -> None:
+        """Caffe's moving averages; ``var`` is already the unbiased (M/(M−1)-corrected) batch variance."""
         with torch.no_grad():
-            mean_b, var_b, s_b = self.blobs[0], self.blobs[1], self.blobs[2]
-            s_b.mul_(self.maf).add_(1.0)
-            mean_b.mul_(self.maf).add_(mean.detach().reshape(-1))
-            var_b.mul_(self.maf).add_(var.detach().reshape(-1) * correction)
+            b = self.blobs
+            blobs = [b[0], b[1], b[2]]
+            torch._foreach_mul_(blobs, self.maf)
+            torch._foreach_add_(blobs, [mean.detach().reshape(-1), var.detach().reshape(-1), self.one])
+
+
+class BatchNormScale:
+    """A BatchNorm and the per-channel Scale that reads its top, run as one ``batch_norm`` kernel with the
+    Scale's blobs as weight and bias (same arithmetic up to rounding; gradients reach both layers' blobs).
+
+    Not a module: both layers stay registered in the net under their own names; this only calls them. When
+    either layer has forward hooks it runs them one after the other, so the hooks fire."""
+
+    def __init__(self, bn: BatchNorm, scale: "Scale"):
+        self.bn, self.scale = bn, scale
+        self.bias_index = 1 if scale.has_bias else None
+
+    @staticmethod
+    def fusable(bn, scale, bottom_shape) -> bool:
+        """Whether ``scale`` (reading ``bn``'s top of shape ``bottom_shape``) multiplies per channel (axis 1)."""
+        return (type(bn) is BatchNorm and type(scale) is Scale and not scale.two_bottoms
+                and bottom_shape is not None and len(bottom_shape) >= 2 and scale.per_channel)
+
+    def __call__(self, x):
+        bn, scale = self.bn, self.scale
+        if bn._forward_hooks or bn._forward_pre_hooks or scale._forward_hooks or scale._forward_pre_hooks:
+            return scale(bn(x))
+        b = scale.blobs
+        return bn.normalize(x, b[0], None if self.bias_index is None else b[self.bias_index])
 
 
 # ==========================================================================================================
@@ -185,13 +235,15 @@ class Scale(_Broadcast):
         self._setup(layer, p, "scale")
         self.two_bottoms = len(layer.bottom_shapes) > 1
         self.has_bias = bool(p.bias_term)
+        axis, shape = _blob_axes(layer, layer.bottom_shapes, p, "scale")
+        b = layer.bottom_shapes[0]
+        self.per_channel = axis == 1 and len(shape) == 1 and len(b) >= 2 and shape[0] == b[1]
 
     def forward(self, x, *rest):
-        s = rest[0] if self.two_bottoms else self.blobs[0]
-        y = x * self._expand(s)
-        if self.has_bias:
-            y = y + self._expand(self.blobs[0 if self.two_bottoms else 1])
-        return y
+        s = self._expand(rest[0] if self.two_bottoms else self.blobs[0])
+        if self.has_bias:  # x·s + b in one pass
+            return torch.addcmul(self._expand(self.blobs[0 if self.two_bottoms else 1]), x, s)
+        return x * s
 
 
 class Bias(_Broadcast):

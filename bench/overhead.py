@@ -92,7 +92,8 @@ class Program:
             net_e.keep_blobs = net_t.keep_blobs = which == 1
             self.eval_model, self.train_model = net_e, net_t
             self.out_name = net_e.outputs[0]
-            self.steps = (len(net_e._exec[0]), len(net_e._plan), len(net_t._exec[1]), len(net_t._plan))
+            self.steps = (len(net_e.execution_plan(False)), len(net_e._plan), len(net_t.execution_plan(True)),
+                          len(net_t._plan))
         else:
             self.eval_model, self.train_model = factory(), factory()
             handwritten.copy_from_caffenet(self.eval_model, net_e)

@@ -51,7 +51,7 @@ def _nets(phase):
 
 
 def _fused(net, grad=True):
-    return sum(isinstance(step[0], BatchNormScale) for step in net._exec[grad])
+    return sum(isinstance(step[0], BatchNormScale) for step in net.execution_plan(grad))
 
 
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST"])
@@ -95,8 +95,8 @@ def test_inplace_relu_keeps_chain_start_for_diffs():
     diff), so the ReLU after the sum runs out of place; without gradients it runs in place."""
     net = _nets("TRAIN")[True]
     relu2 = net.layer_modules["relu2"]
-    with_grad = [s for s in net._exec[True] if s[2] == ("sum#1",)][0]
-    no_grad = [s for s in net._exec[False] if s[2] == ("sum#1",)][0]
+    with_grad = [s for s in net.execution_plan(True) if s[2] == ("sum#1",)][0]
+    no_grad = [s for s in net.execution_plan(False) if s[2] == ("sum#1",)][0]
     assert with_grad[0] is relu2 and no_grad[0] == relu2.inplace
     net(data=torch.randn(4, 3, 6, 6), label=torch.tensor([0, 1, 2, 3]))
     assert "conv1" in net._env and "sum" in net._env  # chain starts kept for their diffs
@@ -129,3 +129,11 @@ def test_plan_rebuilt_after_edits():
     assert set(net.blobs) == {"data", "label", "loss"}
     with pytest.raises(ValueError):
         net.keep_blobs = "some"
+
+
+def test_auto_keeps_blobs_in_eager():
+    net = load_net(parse_net_text(BLOCK), phase="TEST", seed=3)
+    assert net.keep_blobs == "auto"
+    assert net.execution_plan(True) is net.execution_plan(True, keep=True)
+    net(data=torch.randn(4, 3, 6, 6), label=torch.tensor([0, 1, 2, 3]))
+    assert {"conv1", "bn2", "sc2", "sum"} <= set(net.blobs)

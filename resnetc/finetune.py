@@ -177,17 +177,18 @@ def _unique(name: str, taken: set) -> str:
 
 
 def parse_early_stop(value: str) -> tuple:
-    """``OUTPUT:PATIENCE[:max|min]`` -> (output, patience, mode); mode defaults to min for a loss, else max."""
+    """``OUTPUT:PATIENCE[:max|min]`` -> (output, patience, mode); mode max unless told (loss:3:min)."""
     parts = value.split(":")
     if len(parts) not in (2, 3) or not parts[0]:
-        raise ResnetcError(f"--early-stop wants OUTPUT:PATIENCE[:max|min] (e.g. accuracy:5), got '{value}'")
+        raise ResnetcError(f"--early-stop wants OUTPUT:PATIENCE[:max|min] (e.g. accuracy:5 or loss:3:min), got "
+                           f"'{value}'")
     try:
         patience = int(parts[1])
     except ValueError:
         raise ResnetcError(f"--early-stop: patience '{parts[1]}' is not an integer") from None
     if patience < 1:
         raise ResnetcError(f"--early-stop: patience must be >= 1 test passes (got {patience})")
-    mode = parts[2] if len(parts) == 3 else ("min" if "loss" in parts[0].lower() else "max")
+    mode = parts[2].strip().lower() if len(parts) == 3 else "max"  # as `resnetc train --early-stop`
     if mode not in ("max", "min"):
         raise ResnetcError(f"--early-stop: mode must be max or min (got '{mode}')")
     return parts[0], patience, mode
@@ -391,13 +392,13 @@ def _walk_to_classifier(kept: list, pos: int, blob: str, counts: dict):
                 producer, i = kept[j], j
                 break
         if producer is None:
-            return None, f"no layer makes '{blob}'"
+            return None, f"no layer before it makes '{blob}'"
         if producer.type in CLASSIFIER_TYPES:
             return producer, None
-        if (producer.type not in PASS_THROUGH and _has_params(producer)) or len(producer.bottom) != 1:
-            return None, f"'{blob}' is made by '{producer.name}' ({producer.type}), not by an InnerProduct or Convolution"
-        if counts.get(producer.name):
-            return None, f"'{blob}' is made by '{producer.name}' ({producer.type}), which has parameters"
+        if (producer.type not in PASS_THROUGH and _has_params(producer)) or len(producer.bottom) != 1 or \
+                counts.get(producer.name):
+            return None, (f"its input comes from '{producer.name}' ({producer.type}), not from an InnerProduct or "
+                          f"Convolution")
         blob = producer.bottom[0]
 
 
@@ -417,7 +418,7 @@ def _find_classifiers(net, src: NetSource, counts: dict) -> list:
             pos = kept.index(loss)
             layer, why = _walk_to_classifier(kept, pos, loss.bottom[0], counts)
             if layer is None:
-                raise _err(f"no classifier found: the loss reads {why}", src, loss)
+                raise _err(f"no classifier found: {why}", src, loss)
             main = layer.name
         for pos, lp in enumerate(kept):
             if lp.type in PREDICTION_TYPES and lp.bottom:
@@ -521,9 +522,6 @@ def _count(lp, counts: dict, wf_path: str) -> int:
 
 def plan_finetune(base: str, opts: FinetuneOptions, out_dir: str) -> FinetunePlan:
     """Everything ``resnetc finetune`` writes, computed and validated (nothing written)."""
-    from .deploy import is_deploy, to_deploy
-    from .weights import read_weights
-
     if opts.num_classes < 1:
         raise ResnetcError(f"--num-classes must be >= 1 (got {opts.num_classes})")
     if opts.lr_mult_backbone < 0 or opts.lr_mult_head < 0:
@@ -531,6 +529,9 @@ def plan_finetune(base: str, opts: FinetuneOptions, out_dir: str) -> FinetunePla
     if not os.path.exists(opts.weights):
         raise ResnetcError("--weights: no such file", file=opts.weights)
     early = parse_early_stop(opts.solver.early_stop) if opts.solver.early_stop else None
+    from .deploy import is_deploy, to_deploy  # torch comes with these: after the checks that need none
+    from .weights import read_weights
+
     src = read_net(base)
     wf = read_weights(opts.weights)
     base_is_deploy = is_deploy(src)
@@ -710,8 +711,7 @@ def _solver(net, test_graph, opts: FinetuneOptions, out_dir: str, early) -> caff
                                f"{', '.join(test_graph.outputs)})")
         s.resnetc.early_stop_output = output
         s.resnetc.early_stop_patience = patience
-        if mode != "max":
-            s.resnetc.early_stop_mode = mode
+        s.resnetc.early_stop_mode = mode
     from .solver.lr_policy import check_policy
 
     check_policy(s, None)

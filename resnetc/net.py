@@ -199,7 +199,7 @@ class CaffeNet(nn.Module):
         not kept)."""
         from .layers.common import Eltwise, Op, Split
         from .layers.neuron import ReLU
-        from .layers.norm import BatchNorm, BatchNormScale, Bias, Scale
+        from .layers.norm import BatchNorm, BatchNormScale, Bias, GlobalBatchNorm, GlobalStatistics, Scale
         from .layers.vision import Convolution, InnerProduct
 
         keep = self.kept_blobs(grad, keep_mode)
@@ -213,6 +213,12 @@ class CaffeNet(nn.Module):
             return optimise and reads.get(ssa, 0) == 1 and ssa not in keep
 
         steps = []
+        # the statistics of every use_global_stats BatchNorm, computed together by a first step
+        global_bns = [] if not optimise else \
+            [e[0] for e in plan if type(e[0]) is BatchNorm and e[0].global_stats and e[3] is None]
+        stats_key = {id(bn): f"(statistics:{k})" for k, bn in enumerate(global_bns)}
+        if global_bns:
+            steps.append((GlobalStatistics(global_bns), (), tuple(stats_key.values()), None))
         fresh = set()  # blobs in new storage that their producer's backward does not read
         i = 0
         while i < len(plan):
@@ -220,13 +226,16 @@ class CaffeNet(nn.Module):
             fn, outs_fresh = mod, False
             if optimise and detach is None:
                 nxt = plan[i + 1] if i + 1 < len(plan) else None
+                stats = (stats_key[id(mod)],) if id(mod) in stats_key else ()
                 if (type(mod) is BatchNorm and nxt is not None and nxt[3] is None and nxt[1] == tops
                         and private(tops[0])
                         and BatchNormScale.fusable(mod, nxt[0], self.graph.blob_shapes.get(bottoms[0]))):
-                    steps.append((BatchNormScale(mod, nxt[0]), bottoms, nxt[2], None))
+                    steps.append((BatchNormScale(mod, nxt[0]), bottoms + stats, nxt[2], None))
                     fresh.update(nxt[2])
                     i += 2
                     continue
+                if stats:
+                    fn, bottoms = GlobalBatchNorm(mod), bottoms + stats
                 if type(mod) is Split:
                     fn = None
                 elif type(mod) is ReLU and bottoms[0] in fresh and private(bottoms[0]):

@@ -88,13 +88,14 @@ class BatchNorm(CaffeLayer):
         factor = torch.where(s == 0, 0.0, s.reciprocal())
         return self.blobs[0].detach() * factor, self.blobs[1].detach() * factor
 
-    def normalize(self, x, weight=None, bias=None):
-        """BatchNorm of ``x``, then ``·weight + bias`` per channel when given (a fused Scale layer)."""
+    def normalize(self, x, weight=None, bias=None, stats=None):
+        """BatchNorm of ``x``, then ``·weight + bias`` per channel when given (a fused Scale layer).
+        ``stats``: this layer's ``statistics()`` when already computed (:class:`GlobalStatistics`)."""
         one_d = x.dim() == 1
         if one_d:
             x = x.unsqueeze(1)
         if self.global_stats:
-            mean, var = self.statistics()
+            mean, var = self.statistics() if stats is None else stats
             # (x − mean) / sqrt(var + eps) in one fused kernel; the statistics are constants for autograd
             y = F.batch_norm(x, mean, var, weight, bias, False, 0.0, self.eps)
         else:
@@ -145,12 +146,45 @@ class BatchNormScale:
         return (type(bn) is BatchNorm and type(scale) is Scale and not scale.two_bottoms
                 and bottom_shape is not None and len(bottom_shape) >= 2 and scale.per_channel)
 
-    def __call__(self, x):
+    def __call__(self, x, stats=None):
         bn, scale = self.bn, self.scale
         if bn._forward_hooks or bn._forward_pre_hooks or scale._forward_hooks or scale._forward_pre_hooks:
             return scale(bn(x))
         b = scale.blobs
-        return bn.normalize(x, b[0], None if self.bias_index is None else b[self.bias_index])
+        return bn.normalize(x, b[0], None if self.bias_index is None else b[self.bias_index], stats)
+
+
+class GlobalBatchNorm:
+    """A ``use_global_stats`` BatchNorm given its statistics by :class:`GlobalStatistics` (hooks still fire)."""
+
+    def __init__(self, bn: BatchNorm):
+        self.bn = bn
+
+    def __call__(self, x, stats):
+        bn = self.bn
+        if bn._forward_hooks or bn._forward_pre_hooks:
+            return bn(x)
+        return bn.normalize(x, stats=stats)
+
+
+class GlobalStatistics:
+    """The (mean, variance) of many ``use_global_stats`` BatchNorms in a handful of kernels (concatenate, scale
+    by each layer's factor, split) instead of five per layer: the same arithmetic, element for element."""
+
+    def __init__(self, bns):
+        self.bns = list(bns)
+        self.sizes = [int(bn.blobs[0].shape[0]) for bn in self.bns]
+        self.index = torch.repeat_interleave(torch.arange(len(self.sizes)), torch.tensor(self.sizes))
+
+    def __call__(self):
+        blobs = [bn.blobs for bn in self.bns]
+        s = torch.cat([b[2] for b in blobs]).detach()
+        if self.index.device != s.device:
+            self.index = self.index.to(s.device)
+        factor = torch.where(s == 0, 0.0, s.reciprocal())[self.index]
+        mean = torch.cat([b[0] for b in blobs]).detach() * factor
+        var = torch.cat([b[1] for b in blobs]).detach() * factor
+        return tuple(zip(mean.split(self.sizes), var.split(self.sizes)))
 
 
 # ==========================================================================================================

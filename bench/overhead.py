@@ -8,15 +8,19 @@ Cases: eval forward (TEST net, no grad); eval forward+backward; train forward+ba
 BatchNorm on batch statistics and updating its running statistics); the same in channels_last; with
 ``--compile`` also torch.compile'd eval forward and train forward+backward.
 
-Each program lives in its own worker process (so that one program's heap does not shape the other's: on CPU
-glibc hands freed activations back to the OS and page-faults them in again, and how often depends on the
-whole process's allocation history). The parent runs them one at a time, in turn, round by round (the order
+Each program lives in its own worker process, so that one program's heap does not shape the other's. On CPU,
+glibc by default hands freed activations back to the OS and page-faults them in again, and how often depends
+on the whole process's allocation history: the same program measured 1k or 19k page faults per ResNet-20
+forward (55 or 85 ms) from one process to the next. So the workers run with glibc's trim and mmap thresholds
+fixed at 1 GiB (``GLIBC_TUNABLES``; memory stays in the process, no faults after the warm-up) unless
+``--system-malloc``. The parent runs them one at a time, in turn, round by round (the order
 rotates and reverses every round, after a warm-up of each), and reports the medians and the median of the
 per-round ratios, so drift of a shared machine hits all of them. ``--threads`` pins the intra-op threads (on a
 shared machine one thread is far steadier than two).
 
 usage: python bench/overhead.py [--net resnet50|resnet20] [--batch N] [--rounds R] [--threads T]
                                 [--cases eval,evalbw,train,cl,cltrain] [--compile] [--device cpu|cuda]
+                                [--system-malloc]
 """
 from __future__ import annotations
 
@@ -195,7 +199,12 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also torch.compile'd eval forward and train step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads per program")
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's default trim/mmap thresholds")
     args = ap.parse_args()
+    if not args.system_malloc:
+        fixed = "glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=1073741824"
+        old = os.environ.get("GLIBC_TUNABLES")
+        os.environ["GLIBC_TUNABLES"] = f"{old}:{fixed}" if old else fixed  # read by the spawned workers
     batch = args.batch or NETS[args.net][4]
     cases = [c for c in args.cases.split(",") if c]
     ctx = mp.get_context("spawn")
@@ -213,7 +222,8 @@ def main():
         conns[i].send(msg)
         return conns[i].recv()
 
-    print(f"{args.net} batch {batch} on {args.device} ({args.threads} threads per program), torch {torch.__version__}; "
+    print(f"{args.net} batch {batch} on {args.device} ({args.threads} threads per program"
+          f"{', system malloc' if args.system_malloc else ', malloc thresholds fixed'}), torch {torch.__version__}; "
           f"resnetc execution plan: {steps[0]} steps for {steps[1]} layers (eval), {steps[2]} for {steps[3]} (train)")
     outs = [ask(i, "output", False) for i in range(3)]
     print(f"check: max |resnetc - hand-written| eval output = {float(np.abs(outs[0] - outs[2]).max()):.2e}, "

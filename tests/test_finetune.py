@@ -185,12 +185,13 @@ def test_plan_deploy_base(base, tmp_path):
 def test_classifier_through_parameter_free_layers(base, tmp_path):
     """SqueezeNet's form: a Convolution classifier, then ReLU and global pooling, then the loss."""
     text = TINY % {"train": base["data"][0], "test": base["data"][1]}
-    text = text.replace('''layer { name: "pool" type: "Pooling" bottom: "conv2" top: "pool" pooling_param { pool: AVE global_pooling: true } }
-layer { name: "fc3" type: "InnerProduct" bottom: "pool" top: "fc3"
-  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }''', '''layer { name: "conv10" type: "Convolution" bottom: "conv2" top: "conv10"
+    head = text[text.index('layer { name: "pool"'):text.index('layer { name: "loss"')]
+    text = text.replace(head, """layer { name: "conv10" type: "Convolution" bottom: "conv2" top: "conv10"
   convolution_param { num_output: 3 kernel_size: 1 } }
 layer { name: "relu10" type: "ReLU" bottom: "conv10" top: "conv10" }
-layer { name: "pool10" type: "Pooling" bottom: "conv10" top: "fc3" pooling_param { pool: AVE global_pooling: true } }''')
+layer { name: "pool10" type: "Pooling" bottom: "conv10" top: "fc3"
+  pooling_param { pool: AVE global_pooling: true } }
+""")
     net = tmp_path / "sq.prototxt"
     net.write_text(text)
     plan = plan_finetune(str(net), _opts(base, num_classes=4), str(tmp_path / "o"))
@@ -205,7 +206,8 @@ layer { name: "pool10" type: "Pooling" bottom: "conv10" top: "fc3" pooling_param
 def test_auxiliary_classifiers_are_replaced_too(base, tmp_path):
     """GoogLeNet's form: an auxiliary loss of weight 0.3 on its own classifier; both get N outputs."""
     text = TINY % {"train": base["data"][0], "test": base["data"][1]}
-    text = text.replace('''layer { name: "conv2" ''', '''layer { name: "aux_pool" type: "Pooling" bottom: "conv1" top: "aux_pool"
+    text = text.replace('''layer { name: "conv2" ''', '''layer { name: "aux_pool" type: "Pooling"
+  bottom: "conv1" top: "aux_pool"
   pooling_param { pool: AVE global_pooling: true } }
 layer { name: "aux/classifier" type: "InnerProduct" bottom: "aux_pool" top: "aux/classifier"
   inner_product_param { num_output: 3 } }
@@ -243,7 +245,8 @@ def test_bad_options(base, tmp_path, kw, message):
 
 def test_no_classifier(base, tmp_path):
     text = TINY % {"train": base["data"][0], "test": base["data"][1]}
-    for bad, why in [(text.replace('bottom: "fc3" bottom: "label" top: "loss"', 'bottom: "pool" bottom: "label" top: "loss"'),
+    for bad, why in [(text.replace('bottom: "fc3" bottom: "label" top: "loss"',
+                                   'bottom: "pool" bottom: "label" top: "loss"'),
                       "its input comes from 'scale2' (Scale), not from an InnerProduct or Convolution"),
                      (text.replace('type: "SoftmaxWithLoss" bottom: "fc3" bottom: "label"',
                                    'type: "EuclideanLoss" bottom: "fc3" bottom: "fc3"'), "is a EuclideanLoss")]:
@@ -293,6 +296,28 @@ def test_cli_finetune_check_train_frozen_bit_identical(base, tmp_path, run_cli):
     for name in ("conv2", "scale2", "bn2"):  # learning (BatchNorm: its moving averages)
         assert any(not np.array_equal(a.data, b.data) for a, b in zip(before[name].blobs, after[name].blobs)), name
     assert "fc3" not in after and after["fc3_ft"].blobs[0].data.reshape(3, -1).shape == (3, 8)
+
+
+def test_early_stop_fields_drive_the_solver(base, tmp_path):
+    """The solver written with --early-stop stops training (resnetc.solver.early_stop): with every rate 0 the
+    accuracy never improves, so patience 2 ends the run at the second test after the first."""
+    from resnetc.data.db import DBReader
+    from resnetc.finetune import finetune
+    from resnetc.solver import Solver
+
+    with DBReader(base["data"][1]) as db:
+        n = len(db)  # one batch of the whole test set: every test pass sees the same images
+    solver = SolverOptions(base_lr=0.01, max_iter=20, test_interval=1, snapshot=0, seed=3, early_stop="accuracy:2")
+    plan = finetune(base["net"], _opts(base, freeze_until="pool", lr_mult_head=0, test_batch_size=n, solver=solver),
+                    str(tmp_path))
+    assert plan.frozen == ["conv1", "bn1", "scale1", "conv2", "bn2", "scale2"]
+    s = Solver(plan.paths["solver"])
+    try:
+        s.solve()
+    finally:
+        s.close()
+    assert s.stopped_early and s.iter == 2
+    assert (tmp_path / "finetune_iter_2.caffemodel").exists()
 
 
 def test_cli_errors_one_line_nothing_written(base, tmp_path, run_cli):

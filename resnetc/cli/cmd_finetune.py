@@ -57,7 +57,8 @@ def _data(value):
 @click.option("--test-iter", type=click.IntRange(min=1), help="Test batches per test (default: one pass over the "
               "test LMDB).")
 @click.option("--snapshot", type=click.IntRange(min=0), default=10000, show_default=True)
-@click.option("--seed", type=int, help="Solver random_seed.")
+@click.option("--seed", type=int, help="Solver random_seed. Not the pretraining's: the same seed fills the new "
+              "classifier with exactly the initial weights of the one it replaces.")
 @click.option("--early-stop", metavar="OUTPUT:PATIENCE[:max|min]", help="Stop when this TEST output has not "
               "improved for PATIENCE tests (solver extension resnetc.early_stop_*).")
 @click.option("-o", "--output", "out_dir", required=True, metavar="DIR",

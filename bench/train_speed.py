@@ -12,8 +12,12 @@ blocks of ``--iters`` iterations, in turn, for ``--rounds`` rounds (the order re
 program's figure is its median block. The compiled programs are timed after their compilation (reported apart)
 and a warm-up. On a CUDA machine the same script runs on the GPU (``--device``); here CPU.
 
+On CPU the script re-executes itself with glibc's trim and mmap thresholds fixed at 1 GiB (``GLIBC_TUNABLES``)
+unless ``--system-malloc``: otherwise freed activations go back to the OS and are page-faulted in again, as
+often as the process's heap layout happens to dictate, which swamps the comparison (see bench/overhead.py).
+
 usage: python bench/train_speed.py [--nets resnet20,resnet50] [--quick] [--no-compile] [--rounds R] [--iters N]
-                                   [--threads T] [--device cpu|cuda]
+                                   [--threads T] [--device cpu|cuda] [--system-malloc]
   --quick: ResNet-20 with fewer rounds, ResNet-50 eager only, one iteration per block
   ResNet-50 compiled is left out on CPU unless --compile-resnet50 (its compilation alone takes minutes there).
 """
@@ -161,14 +165,22 @@ def main():
     ap.add_argument("--iters", type=int, default=None, help="iterations per timed block")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--system-malloc", action="store_true", help="glibc's default trim/mmap thresholds")
     args = ap.parse_args()
+    fixed = "glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=1073741824"
+    if args.device == "cpu" and not args.system_malloc and fixed not in os.environ.get("GLIBC_TUNABLES", ""):
+        old = os.environ.get("GLIBC_TUNABLES")
+        os.environ["GLIBC_TUNABLES"] = f"{old}:{fixed}" if old else fixed
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable] + sys.argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("resnetc").setLevel(logging.WARNING)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
-             f" ({torch.get_num_threads()} threads)"))
+             f" ({torch.get_num_threads()} threads, "
+             f"{'system malloc' if args.system_malloc else 'malloc thresholds fixed'})"))
     summary = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in [n for n in args.nets.split(",") if n]:

@@ -85,9 +85,8 @@ class Program:
         shape = (batch,) + chw
 
         def build(spec, phase):
-            n = resnetc.load_net(os.path.join(REPO, "specs", spec), phase=phase, seed=1,
-                                 input_shapes={"data": shape, "label": (batch,)} if phase == "TRAIN" else {"data": shape})
-            return n
+            shapes = {"data": shape, "label": (batch,)} if phase == "TRAIN" else {"data": shape}
+            return resnetc.load_net(os.path.join(REPO, "specs", spec), phase=phase, seed=1, input_shapes=shapes)
 
         net_e, net_t = build(deploy, "TEST"), build(train, "TRAIN")
         sane_statistics(net_e)

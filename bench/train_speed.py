@@ -17,7 +17,7 @@ unless ``--system-malloc``: otherwise freed activations go back to the OS and ar
 often as the process's heap layout happens to dictate, which swamps the comparison (see bench/overhead.py).
 
 usage: python bench/train_speed.py [--nets resnet20,resnet50] [--quick] [--no-compile] [--rounds R] [--iters N]
-                                   [--threads T] [--device cpu|cuda] [--system-malloc]
+                                   [--threads T] [--device cpu|cuda] [--system-malloc] [--keep-blobs auto|true|false]
   --quick: ResNet-20 with fewer rounds, ResNet-50 eager only, one iteration per block
   ResNet-50 compiled is left out on CPU unless --compile-resnet50 (its compilation alone takes minutes there).
 """
@@ -75,13 +75,15 @@ def make_batches(batch, chw, classes, device, n=2):
              "label": torch.randint(0, classes, (batch,), generator=g).to(device)} for _ in range(n)]
 
 
-def resnetc_program(spec, batches, device, compiled, tmp):
+def resnetc_program(spec, batches, device, compiled, tmp, keep_blobs=None):
     text = (f'net: "{os.path.join(REPO, "specs", spec)}" base_lr: {LR} momentum: {MOMENTUM} weight_decay: {DECAY} '
             f'lr_policy: "fixed" max_iter: 1000000 display: 0 snapshot_after_train: false random_seed: 1 '
             f'snapshot_prefix: "{os.path.join(tmp, "snap")}"' + (" resnetc { compile: true }" if compiled else ""))
     feed = MemoryFeed(batches)
     solver = Solver(parse_solver_text(text, "train_speed_solver.prototxt"), device=device,
                     feed_factory=lambda graph, phase, index, seed, dev: feed)
+    if keep_blobs is not None:
+        solver.net.keep_blobs = keep_blobs
     return solver, (lambda n: solver.step(n))
 
 
@@ -119,7 +121,7 @@ def bench_net(name, args, device, tmp):
     results = {}
     for compiled in modes:
         label = "compiled" if compiled else "eager"
-        solver, run_r = resnetc_program(spec, batches, device, compiled, tmp)
+        solver, run_r = resnetc_program(spec, batches, device, compiled, tmp, args.keep_blobs)
         model, run_h = hand_program(factory, solver, batches, device, compiled)
         if not compiled:  # same weights, same batch: same loss before any step
             with torch.no_grad():
@@ -166,7 +168,10 @@ def main():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--system-malloc", action="store_true", help="glibc's default trim/mmap thresholds")
+    ap.add_argument("--keep-blobs", choices=("auto", "true", "false"), default="auto",
+                    help="keep_blobs of the Solver's train net (default auto: Caffe's blobs kept in eager steps)")
     args = ap.parse_args()
+    args.keep_blobs = {"auto": None, "true": True, "false": False}[args.keep_blobs]
     fixed = "glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=1073741824"
     if args.device == "cpu" and not args.system_malloc and fixed not in os.environ.get("GLIBC_TUNABLES", ""):
         old = os.environ.get("GLIBC_TUNABLES")

@@ -16,13 +16,18 @@ changes). ``net.keep_blobs`` decides which blobs outlive the forward and, with t
   ResNet-20 training step 1.6x slower; set ``True`` to keep them anyway).
 * ``True``: every blob pycaffe can name — each Caffe blob's final value (``net.blobs``) and, when
   gradients are enabled, the first version of an in-place chain (whose gradient pycaffe reports as the blob's
-  diff), plus inputs, outputs and loss tops. Intermediate versions of an in-place chain (``conv1`` after BatchNorm, before
-  Scale) are not kept: a BatchNorm followed by a per-channel Scale on such a blob runs as one ``batch_norm``
-  kernel (``layers.norm.BatchNormScale``), a ReLU overwrites such a blob in place (``ReLU.inplace``) when
-  its producer's backward does not need it, and a Split's tops alias its bottom without a call.
+  diff), plus inputs, outputs and loss tops. Intermediate versions of an in-place chain (``conv1`` after
+  BatchNorm, before Scale) are not kept: a BatchNorm followed by a per-channel Scale on such a blob runs as
+  one ``batch_norm`` kernel (``layers.norm.BatchNormScale``), a ReLU overwrites such a blob in place
+  (``ReLU.inplace``) when its producer's backward does not need it, and a Split's tops alias its bottom
+  without a call.
 * ``False``: only inputs, outputs and loss tops are kept (``net.blobs`` holds only those); the rest is freed
   as soon as its last reader ran, and more BatchNorm/Scale pairs and ReLUs qualify.
 * ``"all"``: every layer runs as its own module and every single-assignment version is kept (debugging).
+
+In every mode but ``"all"`` the statistics of all ``use_global_stats`` BatchNorms are computed by one first
+step (``layers.norm.GlobalStatistics``) instead of five small ops per layer. Forward hooks on a layer module
+still fire: a fused or in-place step falls back to calling the modules when they have hooks.
 """
 from __future__ import annotations
 

@@ -17,17 +17,22 @@ line, its final ``Softmax`` a ``SoftmaxWithLoss`` + TEST ``Accuracy``). What is 
   when the base gives none, as in the flickr example); ``num_output`` = N; its top blob is renamed with it when it
   bears the layer's name. It learns ``--lr-mult-head`` times faster (weights; biases twice that, without decay:
   Caffe's ``lr_mult: 10`` / ``20``). ``--freeze-until LAYER`` gives every parameter blob of the layers up to and
-  including ``LAYER`` (file order) ``lr_mult: 0`` and ``decay_mult: 0``; a frozen ``BatchNorm`` also gets
-  ``use_global_stats: true``, because its statistics are not learned by gradients: without it Caffe keeps
-  updating their moving averages from the new data in TRAIN, and "frozen" would not mean unchanged. Frozen
-  layers are therefore bit-identical after training. Not-frozen BatchNorm layers use batch statistics in TRAIN
-  (Caffe's default; a deploy BASE's ``use_global_stats: true`` is removed from them). ``--lr-mult-backbone F``
-  multiplies the ``lr_mult`` of every other learnable blob (BatchNorm statistics excepted).
+  including ``LAYER`` (file order) ``lr_mult: 0`` and ``decay_mult: 0``; a frozen ``BatchNorm`` gets
+  ``use_global_stats: true`` instead: Caffe never learns its statistics by gradient (it masks them itself; three
+  ``param`` specs on it are the deprecated form), it updates their moving averages from every TRAIN batch, so only
+  stored statistics keep a frozen BatchNorm unchanged. Frozen layers are therefore bit-identical after training.
+  Not-frozen BatchNorm layers use batch statistics in TRAIN (Caffe's default; a deploy BASE's
+  ``use_global_stats: true`` is removed from them) and, in TEST, moving averages that start from the pretrained
+  ones (``moving_average_fraction`` 0.999: for a few hundred iterations they still mostly describe the old data).
+  ``--lr-mult-backbone F`` multiplies the ``lr_mult`` of every other learnable blob (BatchNorm statistics
+  excepted).
 * ``DIR/solver.prototxt``: ``net``, ``weights: BASE.caffemodel`` (so ``resnetc train DIR/solver.prototxt``
   fine-tunes; Caffe's ``-weights`` flag does the same), the schedule (defaults: the flickr example's SGD, base_lr
   0.001, step 0.1 every 20,000, momentum 0.9, weight decay 5e-4), ``test_iter`` covering the test LMDB once, and
   the ``resnetc`` extension ``early_stop_output``/``early_stop_patience`` with ``--early-stop OUTPUT:PATIENCE``.
-  Paths are written as given: run ``resnetc train`` from the directory ``finetune`` ran in, as with Caffe.
+  Paths are written as given: run ``resnetc train`` from the directory ``finetune`` ran in, as with Caffe. Give
+  ``--seed`` another value than the pretraining's: the fillers draw in layer order, so the same seed refills the
+  new classifier with exactly the initial weights of the one it replaces.
 * ``DIR/deploy.prototxt``: the inference net with the new classifier (Input → ``prob``).
 """
 from __future__ import annotations
@@ -622,9 +627,10 @@ def plan_finetune(base: str, opts: FinetuneOptions, out_dir: str) -> FinetunePla
     # -- validate the train_val as `resnetc check` does ------------------------------------------------------
     train_val_path = os.path.join(out_dir, FILES[0])
     checked = NetSource(param=net, file=train_val_path)
-    for phase in ("TRAIN", "TEST"):
-        build_graph(checked, phase, input_shapes=opts.input_shapes)
+    train_graph = build_graph(checked, "TRAIN", input_shapes=opts.input_shapes)
     test_graph = build_graph(checked, "TEST", input_shapes=opts.input_shapes)
+    if train_graph.shapes_known:
+        _check_weights_fit(train_graph, wf)
     # -- deploy ---------------------------------------------------------------------------------------------
     if base_is_deploy:
         deploy = caffe_pb2.NetParameter()
@@ -651,6 +657,20 @@ def plan_finetune(base: str, opts: FinetuneOptions, out_dir: str) -> FinetunePla
              "deploy": os.path.join(out_dir, FILES[2])}
     return FinetunePlan(train_val=net, deploy=deploy, solver=solver, classifiers=renamed, frozen=frozen,
                         scaled=scaled, base=base, base_is_deploy=base_is_deploy, paths=paths)
+
+
+class _Shape:
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def _check_weights_fit(graph, wf) -> None:
+    """The copy ``resnetc train`` will make, checked now: e.g. 3-channel weights for 1-channel data fail here,
+    with the layer and both shapes, instead of after the solver is built."""
+    from .weights import _plan
+
+    params = {layer.name: [_Shape(b.shape) for b in layer.blobs] for layer in graph.layers if layer.blobs}
+    _plan(graph, params, wf, strict_shapes=True)
 
 
 def _check_sharing(net, frozen: set, src: NetSource) -> None:

@@ -257,6 +257,21 @@ def test_no_classifier(base, tmp_path):
         assert "no classifier found" in str(e.value) and why in str(e.value), str(e.value)
 
 
+def test_weights_that_do_not_fit_the_new_data(base, tmp_path):
+    """3-channel images for a net pretrained on 1-channel ones: caught when the files are written."""
+    from resnetc.data.datum import array_to_datum
+    from resnetc.data.db import write_db
+
+    for name in ("train", "test"):
+        with write_db(str(tmp_path / name)) as db:
+            for i in range(2):
+                db.put(b"%08d" % i, array_to_datum(np.zeros((3, 8, 8), np.uint8), i).SerializeToString())
+    with pytest.raises(ResnetcError) as e:
+        plan_finetune(base["net"], _opts(base, data=(str(tmp_path / "train"), str(tmp_path / "test"))),
+                      str(tmp_path / "o"))
+    assert "layer 'conv1'" in str(e.value) and "shape mismatch" in str(e.value) and "4x1x3x3" in str(e.value)
+
+
 def test_deploy_base_needs_data(base, tmp_path):
     plan = plan_finetune(base["net"], _opts(base), str(tmp_path / "a"))
     from resnetc.prototxt import to_text

@@ -491,12 +491,25 @@ def _init_classifier(lp, n: int, head: float, count: int) -> None:
 # parameter counts: from the built graphs, else from the weights file, else from the classifier's own params
 
 
+def _shapes_for(net, phase: str, input_shapes: dict) -> dict:
+    """--input-shape for one phase's graph: the batch axis is each data layer's own batch size."""
+    out = dict(input_shapes or {})
+    if not out:
+        return out
+    for lp in filter_layers(NetSource(param=net), make_state(net, phase)):
+        batch = _batch_of(lp) if _is_data(lp) else None
+        for t in lp.top:
+            if batch and t in out and len(out[t]):
+                out[t] = (batch,) + tuple(out[t][1:])
+    return out
+
+
 def _param_counts(nets: list, input_shapes: dict, wf) -> dict:
     counts = {}
     for src in nets:
         for phase in ("TRAIN", "TEST"):
             try:
-                graph = build_graph(src, phase, input_shapes=input_shapes)
+                graph = build_graph(src, phase, input_shapes=_shapes_for(src.param, phase, input_shapes))
             except ResnetcError:
                 if src is nets[0]:
                     raise
@@ -627,8 +640,8 @@ def plan_finetune(base: str, opts: FinetuneOptions, out_dir: str) -> FinetunePla
     # -- validate the train_val as `resnetc check` does ------------------------------------------------------
     train_val_path = os.path.join(out_dir, FILES[0])
     checked = NetSource(param=net, file=train_val_path)
-    train_graph = build_graph(checked, "TRAIN", input_shapes=opts.input_shapes)
-    test_graph = build_graph(checked, "TEST", input_shapes=opts.input_shapes)
+    train_graph = build_graph(checked, "TRAIN", input_shapes=_shapes_for(net, "TRAIN", opts.input_shapes))
+    test_graph = build_graph(checked, "TEST", input_shapes=_shapes_for(net, "TEST", opts.input_shapes))
     if train_graph.shapes_known:
         _check_weights_fit(train_graph, wf)
     # -- deploy ---------------------------------------------------------------------------------------------

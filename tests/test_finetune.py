@@ -272,6 +272,17 @@ def test_weights_that_do_not_fit_the_new_data(base, tmp_path):
     assert "layer 'conv1'" in str(e.value) and "shape mismatch" in str(e.value) and "4x1x3x3" in str(e.value)
 
 
+def test_lmdbs_not_there_yet(base, tmp_path):
+    """--data may name LMDBs made later: test_iter falls back to 100, the deploy takes --input-shape (the batch
+    axis of the train_val's graphs stays each Data layer's own)."""
+    with pytest.raises(ResnetcError, match="give --input-shape data=N,C,H,W"):
+        plan_finetune(base["net"], _opts(base, data=("later_train", "later_test")), str(tmp_path))
+    plan = plan_finetune(base["net"], _opts(base, data=("later_train", "later_test"),
+                                            input_shapes={"data": (1, 1, 8, 8)}), str(tmp_path))
+    assert list(plan.solver.test_iter) == [100]
+    assert list(plan.deploy.layer[0].input_param.shape[0].dim) == [1, 1, 8, 8]
+
+
 def test_deploy_base_needs_data(base, tmp_path):
     plan = plan_finetune(base["net"], _opts(base), str(tmp_path / "a"))
     from resnetc.prototxt import to_text
